@@ -13,21 +13,22 @@ from onnx_easier.errors import (
 __version__ = "0.1.0"
 
 
-def analyze(*args, **kwargs):  # noqa: D103 - thin lazy re-export, documented in api.analyze
-    from onnx_easier.api import analyze as _analyze
-
-    return _analyze(*args, **kwargs)
+_API = ("analyze", "optimize", "Analysis", "Result")
 
 
-def optimize(*args, **kwargs):  # noqa: D103 - thin lazy re-export, documented in api.optimize
-    from onnx_easier.api import optimize as _optimize
+def __getattr__(name: str):
+    """Lazy access to the API (PEP 562): importing a submodule does not load the whole pipeline."""
+    if name in _API:
+        from onnx_easier import api
 
-    return _optimize(*args, **kwargs)
-
+        return getattr(api, name)
+    raise AttributeError(f"module 'onnx_easier' has no attribute {name!r}")
 
 __all__ = [
     "analyze",
     "optimize",
+    "Analysis",
+    "Result",
     "OnnxEasierError",
     "InvalidModelError",
     "UnsupportedModelError",

@@ -1,0 +1,131 @@
+"""Command line: ``onnx-easier IN.onnx [OUT.onnx] [options]``. The only module that prints or configures logging.
+
+Exit codes: 0 success; 2 bad input (model, data, arguments); 1 internal failure or failed verification;
+130 interrupted. Errors are one line on stderr; ``-v`` adds the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from onnx_easier import __version__
+from onnx_easier.errors import BadArgumentError, OnnxEasierError
+
+log = logging.getLogger("onnx_easier")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnx-easier",
+        description="Make an exported ONNX network shallower: EASIER entropy of every activation, "
+        "linearization of the lowest-entropy ones, exact fusion of the layers they leave linear.",
+        epilog="Without OUT the model is only analysed (entropy table, --report). Exit codes: 0 ok, 2 bad input, "
+        "1 internal failure or failed verification.",
+    )
+    p.add_argument("input", metavar="IN.onnx", help="the exported model")
+    p.add_argument("output", metavar="OUT.onnx", nargs="?", help="where to write the optimized model")
+    p.add_argument("--data", metavar="PATH", help=".npz keyed by input names, .npy (single input), or a folder of "
+                   "them; first axis = samples. Default: random samples (entropies then describe no real input)")
+    p.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    p.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for random data (default 0)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="shape of a dynamic input for random data, e.g. x:1,3,224,224 (repeatable)")
+    p.add_argument("--linearize", choices=("identity", "affine"), default="affine",
+                   help="identity (the paper) or per-channel least-squares affine fit (default)")
+    p.add_argument("--remove", type=int, metavar="K", default=0,
+                   help="linearize exactly the K lowest-entropy activations, then fuse (default 0: exact fusions only)")
+    p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks on errors")
+    g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--version", action="version", version=f"onnx-easier {__version__}")
+    return p
+
+
+def _check_output_path(out: str, src: str, overwrite: bool, flag: str) -> None:
+    """Refuse before any work: OUT equal to IN (without --overwrite), missing or read-only folder, a directory."""
+    path = Path(out)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.resolve() == Path(src).resolve() or (path.exists() and Path(src).exists() and os.path.samefile(path, src)):
+        if not overwrite:
+            raise BadArgumentError(f"{flag} {out} is the input model; pass --overwrite to replace it (atomically)")
+    if path.is_dir():
+        raise BadArgumentError(f"{flag} {out} is a directory; give a file path")
+    if not folder.is_dir():
+        raise BadArgumentError(f"{flag} {out}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise BadArgumentError(f"{flag} {out}: folder {folder} is not writable")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> Console:
+    console = Console(stderr=True)
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    handler = RichHandler(console=console, show_time=False, show_path=verbose, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    return console
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Do the job described by parsed ``args``; raise OnnxEasierError on bad input."""
+    from onnx_easier import api, report
+    from onnx_easier.data import parse_input_shapes
+    from onnx_easier.model_io import save_model
+
+    if args.samples is not None and args.samples < 1:
+        raise BadArgumentError(f"--samples must be >= 1, not {args.samples}")
+    if args.output:
+        _check_output_path(args.output, args.input, args.overwrite, "OUT")
+    if args.report:
+        _check_output_path(args.report, args.input, False, "--report")
+    shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
+    progress = not args.quiet and sys.stderr.isatty()
+
+    if args.output is None:
+        analysis = api.analyze(args.input, args.data, samples=args.samples, seed=args.seed, input_shapes=shapes,
+                               progress=progress)
+        rep = analysis.report()
+    else:
+        result = api.optimize(args.input, args.data, remove=args.remove, linearize_mode=args.linearize,
+                              samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress)
+        rep = result.report
+        save_model(result.model, args.output)
+        rep["output"] = args.output
+    if args.report:
+        report.write_json(rep, args.report)
+    if not args.quiet:
+        report.print_report(rep, Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``onnx-easier`` command."""
+    args = build_parser().parse_args(argv)
+    console = _setup_logging(args.verbose, args.quiet)
+    try:
+        return run(args, console)
+    except OnnxEasierError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        console.print(f"onnx-easier: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("onnx-easier: interrupted; nothing was written", markup=False, highlight=False)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        console.print(f"onnx-easier: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                      markup=False, highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

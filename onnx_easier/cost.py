@@ -1,0 +1,153 @@
+"""Static cost of a model: nodes, compute nodes, depth, parameters, MACs, ops per type.
+
+Definitions (the report's contract):
+- compute nodes: Conv, ConvTranspose, Gemm, MatMul;
+- depth: the largest number of compute nodes on any path from a graph input (or constant) to a graph output;
+- params: number of elements of all initializers of the main graph (overridable ones included);
+- macs: multiply-accumulates of the compute nodes for ONE sample (the first dim of every input set to 1, other
+  dynamic dims taken from ``input_shapes``), from ONNX shape inference. Nodes whose shapes cannot be inferred
+  count 0 MACs (and ``macs_complete`` says so).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import onnx
+from onnx import shape_inference
+
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+@dataclass
+class Cost:
+    """The report's ``before``/``after`` block (plus ``per_op`` for the tables)."""
+
+    nodes: int
+    compute_nodes: int
+    activations: int
+    depth: int
+    params: int
+    macs: int
+    macs_complete: bool = True
+    per_op: dict[str, int] = field(default_factory=dict)
+
+    def as_report(self) -> dict:
+        """The JSON form: the six contract fields, then the op histogram."""
+        d = asdict(self)
+        d.pop("macs_complete")
+        return d
+
+
+def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have concrete dims (batch 1), with inferred value_info.
+
+    ``input_shapes`` gives the full shape of an input (its first dim is replaced by 1); other dynamic dims
+    without a given shape stay symbolic.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits or not inp.type.HasField("tensor_type"):
+            continue
+        given = (input_shapes or {}).get(inp.name)
+        dims = inp.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if i == 0:
+                d.ClearField("dim_param")
+                d.dim_value = 1
+            elif given is not None and i < len(given) and not d.HasField("dim_value"):
+                d.ClearField("dim_param")
+                d.dim_value = int(given[i])
+    del m.graph.value_info[:]
+    try:
+        return shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # inference is best effort for cost figures; the model itself was validated on load
+        return m
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+    for t in model.graph.initializer:
+        out[t.name] = tuple(t.dims)
+    return out
+
+
+def _prod(dims) -> int | None:
+    if dims is None or any(d is None for d in dims):
+        return None
+    return math.prod(dims)
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
+    """MACs of one compute node (None when a needed shape is unknown; 0 for other ops)."""
+    op = node.op_type
+    if op not in COMPUTE_OPS:
+        return 0
+    x = shapes.get(node.input[0])
+    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    y = shapes.get(node.output[0])
+    if op == "Conv":
+        if w is None or y is None:
+            return None
+        n = _prod(y)
+        k = _prod(w[1:])
+        return None if n is None or k is None else n * k
+    if op == "ConvTranspose":
+        if w is None or x is None:
+            return None
+        n = _prod(x)
+        k = _prod(w[1:])
+        return None if n is None or k is None else n * k
+    if op == "Gemm":
+        if x is None or y is None:
+            return None
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        k = x[0] if trans_a else x[-1]
+        n = _prod(y)
+        return None if n is None or k is None else n * k
+    # MatMul: output elements times the contracted dim
+    if x is None or y is None:
+        return None
+    n = _prod(y)
+    k = x[-1]
+    return None if n is None or k is None else n * k
+
+
+def depth(model: onnx.ModelProto) -> int:
+    """Largest number of compute nodes on any input-to-output path (nodes are topologically ordered)."""
+    best: dict[str, int] = {}
+    for node in model.graph.node:
+        d = max((best.get(i, 0) for i in node.input if i), default=0) + (node.op_type in COMPUTE_OPS)
+        for o in node.output:
+            best[o] = d
+    return max((best.get(o.name, 0) for o in model.graph.output), default=0)
+
+
+def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Cost:
+    """The cost of ``model``; ``activations`` is counted by the caller (activation recognition lives elsewhere)."""
+    inferred = with_static_shapes(model, input_shapes)
+    shapes = _shapes(inferred)
+    macs, complete = 0, True
+    for node in inferred.graph.node:
+        m = node_macs(node, shapes)
+        if m is None:
+            complete = False
+        else:
+            macs += m
+    ops = Counter(n.op_type for n in model.graph.node)
+    return Cost(
+        nodes=len(model.graph.node),
+        compute_nodes=sum(ops[o] for o in COMPUTE_OPS),
+        activations=activations,
+        depth=depth(model),
+        params=sum(math.prod(t.dims) for t in model.graph.initializer),
+        macs=macs,
+        macs_complete=complete,
+        per_op=dict(sorted(ops.items())),
+    )
