@@ -4,9 +4,9 @@ Definitions (the report's contract):
 - compute nodes: Conv, ConvTranspose, Gemm, MatMul;
 - depth: the largest number of compute nodes on any path from a graph input (or constant) to a graph output;
 - params: number of elements of all initializers of the main graph (overridable ones included);
-- macs: multiply-accumulates of the compute nodes for ONE sample (the first dim of every input set to 1, other
-  dynamic dims taken from ``input_shapes``), from ONNX shape inference. Nodes whose shapes cannot be inferred
-  count 0 MACs (and ``macs_complete`` says so).
+- macs: multiply-accumulates of the compute nodes for ONE sample, from ONNX shape inference: a dynamic first
+  dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model with a fixed batch N has its
+  MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ class Cost:
 
 
 def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph inputs have concrete dims (batch 1), with inferred value_info.
+    """A copy of ``model`` whose dynamic input dims are made concrete, with inferred value_info.
 
-    ``input_shapes`` gives the full shape of an input (its first dim is replaced by 1); other dynamic dims
-    without a given shape stay symbolic.
+    A dynamic first dim becomes 1; other dynamic dims take their size from ``input_shapes`` (full shapes, the
+    first dim ignored) or stay symbolic. Fixed dims are never changed.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -55,6 +55,8 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
         given = (input_shapes or {}).get(inp.name)
         dims = inp.type.tensor_type.shape.dim
         for i, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                continue
             if i == 0:
                 d.ClearField("dim_param")
                 d.dim_value = 1
@@ -119,6 +121,19 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     return None if n is None or k is None else n * k
 
 
+def fixed_batch(model: onnx.ModelProto) -> int:
+    """The first dim of the first graph input when it is a fixed integer > 0, else 1."""
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits or not inp.type.HasField("tensor_type"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+        return 1
+    return 1
+
+
 def depth(model: onnx.ModelProto) -> int:
     """Largest number of compute nodes on any input-to-output path (nodes are topologically ordered)."""
     best: dict[str, int] = {}
@@ -140,6 +155,7 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
             complete = False
         else:
             macs += m
+    macs //= fixed_batch(model)
     ops = Counter(n.op_type for n in model.graph.node)
     return Cost(
         nodes=len(model.graph.node),
