@@ -1,0 +1,71 @@
+"""model_io: validation on load, Constant nodes -> initializers, overridable initializers, atomic saves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_easier.errors import InvalidModelError, UnsupportedModelError
+from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
+
+
+def _matmul_model(weight_as: str) -> onnx.ModelProto:
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])]
+    inits = []
+    if weight_as == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w)))
+    else:
+        inits.append(numpy_helper.from_array(w, "W"))
+        if weight_as == "overridable":
+            inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [2, 3]))
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_constant_nodes_become_initializers() -> None:
+    m = load_model(_matmul_model("constant"))
+    assert [n.op_type for n in m.graph.node] == ["MatMul"]
+    assert [t.name for t in m.graph.initializer] == ["W"]
+
+
+def test_overridable_initializer_survives_round_trip() -> None:
+    m = load_model(_matmul_model("overridable"))
+    g = to_graph(m)
+    assert [t.name for t in g.inputs] == ["x", "W"]
+    back = to_model(g, m)
+    assert [i.name for i in back.graph.input] == ["x", "W"]
+    assert [t.name for t in back.graph.initializer] == ["W"]
+    s = make_session(back)
+    x = np.ones((1, 2), np.float32)
+    np.testing.assert_allclose(s.run(None, {"x": x})[0], x @ np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_allclose(s.run(None, {"x": x, "W": np.zeros((2, 3), np.float32)})[0], 0)
+
+
+def test_save_is_atomic_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    m = load_model(_matmul_model("initializer"))
+    out = tmp_path / "m.onnx"
+    save_model(m, out)
+    assert onnx.load(str(out)).graph.node[0].op_type == "MatMul"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_external_data_model_loads(tmp_path: Path) -> None:
+    m = _matmul_model("initializer")
+    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    loaded = load_model(tmp_path / "ext.onnx")
+    assert numpy_helper.to_array(loaded.graph.initializer[0]).shape == (2, 3)
+
+
+def test_errors() -> None:
+    with pytest.raises(InvalidModelError, match="no such file"):
+        load_model("/nonexistent/model.onnx")
+    old = _matmul_model("initializer")
+    old.opset_import[0].version = 9
+    with pytest.raises(UnsupportedModelError, match="opset 9"):
+        load_model(old)
