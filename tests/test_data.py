@@ -1,0 +1,403 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_easier.data import (
+    BATCH_BYTES,
+    CalibrationData,
+    InputSpec,
+    choose_batch_size,
+    input_specs,
+    load_data,
+    parse_input_shapes,
+)
+from onnx_easier.errors import BadArgumentError, BadDataError, UnsupportedModelError
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def _model(inputs: list[tuple[str, int, list | None]], initializers: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    """One Identity per input; inputs are (name, elem_type, shape or None for unknown rank)."""
+    vis = [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs]
+    vis += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in initializers]
+    outs = [helper.make_tensor_value_info(f"{n}_out", t, s) for n, t, s in inputs]
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n, _, _ in inputs]
+    graph = helper.make_graph(nodes, "m", vis, outs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+IMG = [("x", F32, ["N", 3, 4, 4])]
+TWO = [("x", F32, ["N", 3, 4, 4]), ("ids", I64, ["N", 5])]
+
+
+def _specs(inputs: list) -> list[InputSpec]:
+    return input_specs(_model(inputs))
+
+
+def _img(n: int, seed: int = 0, dtype: type = np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 4, 4)).astype(dtype)
+
+
+def _ids(n: int) -> np.ndarray:
+    return np.arange(n * 5, dtype=np.int64).reshape(n, 5)
+
+
+# --- input signature ----------------------------------------------------------------------------------------------
+
+
+def test_input_specs_skip_initializers_and_read_dims() -> None:
+    w = numpy_helper.from_array(np.zeros(3, np.float32), "w")
+    m = _model([("x", F32, ["N", 3, None, 4]), ("s", I64, []), ("u", F32, None)], [w])
+    specs = input_specs(m)
+    assert [s.name for s in specs] == ["x", "s", "u"]
+    assert specs[0] == InputSpec("x", np.dtype(np.float32), ("N", 3, None, 4))
+    assert specs[1].scalar and specs[1].dtype == np.int64
+    assert not specs[2].ranked
+
+
+def test_input_specs_reject_non_tensor_inputs() -> None:
+    seq = helper.make_tensor_sequence_value_info("seq", F32, None)
+    out = helper.make_tensor_value_info("y", F32, None)
+    graph = helper.make_graph([helper.make_node("SequenceLength", ["seq"], ["y"])], "m", [seq], [out])
+    with pytest.raises(UnsupportedModelError, match="'seq' is a sequence_type"):
+        input_specs(helper.make_model(graph))
+
+
+# --- --input-shape ------------------------------------------------------------------------------------------------
+
+
+def test_parse_input_shapes() -> None:
+    assert parse_input_shapes(["x:1,3,224,224", "a:b:7"]) == {"x": (1, 3, 224, 224), "a:b": (7,)}
+    assert parse_input_shapes([]) == {}
+
+
+@pytest.mark.parametrize("item", ["x", "x:", ":1,2", "x:1,a", "x:0,3", "x:-1", "x:1,,2", "x 1,2"])
+def test_parse_input_shapes_malformed(item: str) -> None:
+    with pytest.raises(BadDataError, match="expected NAME:D0,D1,... with positive integers") as err:
+        parse_input_shapes([item])
+    assert "\n" not in str(err.value)
+
+
+def test_parse_input_shapes_duplicate() -> None:
+    with pytest.raises(BadDataError, match="'x' is given twice"):
+        parse_input_shapes(["x:1,2", "x:1,3"])
+
+
+# --- reading files ------------------------------------------------------------------------------------------------
+
+
+def test_npz_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    x, ids = _img(10), _ids(10)
+    np.savez(path, x=x, ids=ids)
+    data = load_data(str(path), _specs(TWO))
+    assert (data.source, data.samples, data.synthetic) == (str(path), 10, False)
+    np.testing.assert_array_equal(data.arrays["x"], x)
+    np.testing.assert_array_equal(data.arrays["ids"], ids)
+
+
+def test_npy_single_input(tmp_path: Path) -> None:
+    path = tmp_path / "d.npy"
+    np.save(path, _img(6))
+    data = load_data(str(path), _specs(IMG), samples=4)
+    assert data.samples == 4
+    np.testing.assert_array_equal(data.arrays["x"], _img(6)[:4])
+
+
+def test_npy_for_multi_input_model(tmp_path: Path) -> None:
+    path = tmp_path / "d.npy"
+    np.save(path, _img(6))
+    with pytest.raises(BadDataError, match=r"the model has 2 inputs \(x, ids\); give an .npz keyed by input name"):
+        load_data(str(path), _specs(TWO))
+
+
+def test_folder_of_npz_concatenates_in_sorted_order(tmp_path: Path) -> None:
+    x = _img(9)
+    np.savez(tmp_path / "part_1.npz", x=x[3:7], ids=_ids(9)[3:7])
+    np.savez(tmp_path / "part_0.npz", x=x[:3], ids=_ids(9)[:3])
+    np.savez(tmp_path / "part_2.npz", x=x[7:], ids=_ids(9)[7:])
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = load_data(str(tmp_path), _specs(TWO))
+    assert data.samples == 9
+    np.testing.assert_array_equal(data.arrays["x"], x)
+    np.testing.assert_array_equal(data.arrays["ids"], _ids(9))
+
+
+def test_folder_of_npy_with_sample_cap_reads_only_what_it_needs(tmp_path: Path) -> None:
+    x = _img(9)
+    np.save(tmp_path / "a.npy", x[:4])
+    np.save(tmp_path / "b.npy", x[4:])
+    (tmp_path / "c.npy").write_bytes(b"garbage that is never read")
+    data = load_data(str(tmp_path), _specs(IMG), samples=3)
+    assert data.samples == 3
+    np.testing.assert_array_equal(data.arrays["x"], x[:3])
+    with pytest.raises(BadDataError, match=r"c\.npy: cannot read it as \.npy"):
+        load_data(str(tmp_path), _specs(IMG))
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadDataError, match="holds no .npz or .npy files"):
+        load_data(str(tmp_path / "empty"), _specs(IMG))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "a.npy", _img(2))
+    np.savez(mixed / "b.npz", x=_img(2))
+    with pytest.raises(BadDataError, match="mixes .npz and .npy files"):
+        load_data(str(mixed), _specs(IMG))
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    np.savez(keys / "a.npz", x=_img(2), ids=_ids(2))
+    np.savez(keys / "b.npz", x=_img(2))
+    with pytest.raises(BadDataError, match=r"b\.npz: holds inputs \['x'\] but a\.npz holds \['ids', 'x'\]"):
+        load_data(str(keys), _specs(TWO))
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    np.save(shapes / "a.npy", _img(2))
+    np.save(shapes / "b.npy", np.zeros((2, 3, 4, 5), np.float32))
+    with pytest.raises(BadDataError, match=r"b\.npy: input 'x' has sample shape \(3, 4, 5\) but a\.npy has"):
+        load_data(str(shapes), _specs(IMG))
+
+
+def test_missing_path_and_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match="no such file or folder"):
+        load_data(str(tmp_path / "nope.npz"), _specs(IMG))
+    (tmp_path / "d.csv").write_text("1,2,3")
+    with pytest.raises(BadDataError, match="unknown data format '.csv'"):
+        load_data(str(tmp_path / "d.csv"), _specs(IMG))
+
+
+def test_corrupt_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, x=_img(8))
+    truncated = tmp_path / "trunc.npz"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(BadDataError, match=r"trunc\.npz: cannot read it as \.npz"):
+        load_data(str(truncated), _specs(IMG))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(BadDataError, match="not an .npz archive"):
+        load_data(str(garbage), _specs(IMG))
+    npy = tmp_path / "trunc.npy"
+    np.save(npy, _img(8))
+    npy.write_bytes(npy.read_bytes()[:200])
+    with pytest.raises(BadDataError, match=r"trunc\.npy: cannot read it as \.npy"):
+        load_data(str(npy), _specs(IMG))
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(BadDataError, match="cannot read it as .npz"):
+        load_data(str(pickled), _specs(IMG))
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+def _npz(tmp_path: Path, **arrays: np.ndarray) -> str:
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"no data for input\(s\) 'ids'; the model's inputs are: x, ids"):
+        load_data(_npz(tmp_path, x=_img(2)), _specs(TWO))
+
+
+def test_extra_input(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"data for unknown input\(s\) 'mask'; the model's inputs are: x"):
+        load_data(_npz(tmp_path, x=_img(2), mask=_img(2)), _specs(IMG))
+
+
+def test_wrong_rank_suggests_sample_axis(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"input 'x' has rank 3 .* needs rank 4 .*add the sample axis"):
+        load_data(_npz(tmp_path, x=_img(1)[0]), _specs(IMG))
+    with pytest.raises(BadDataError, match=r"input 'x' has rank 5"):
+        load_data(_npz(tmp_path, x=_img(2)[None]), _specs(IMG))
+
+
+def test_fixed_dim_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"input 'x' has shape \(2, 3, 4, 5\) .*axis 3 is 5, expected 4"):
+        load_data(_npz(tmp_path, x=np.zeros((2, 3, 4, 5), np.float32)), _specs(IMG))
+
+
+def test_wrong_dtype_kind(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"input 'x' is int64 but the model expects float32; convert it"):
+        load_data(_npz(tmp_path, x=np.zeros((2, 3, 4, 4), np.int64)), _specs(IMG))
+    with pytest.raises(BadDataError, match=r"input 'ids' is float32 but the model expects int64"):
+        load_data(_npz(tmp_path, x=_img(2), ids=_ids(2).astype(np.float32)), _specs(TWO))
+
+
+def test_same_kind_casts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="onnx_easier.data")
+    data = load_data(_npz(tmp_path, x=_img(3, dtype=np.float64), ids=_ids(3).astype(np.int32)), _specs(TWO))
+    assert data.arrays["x"].dtype == np.float32 and data.arrays["ids"].dtype == np.int64
+    np.testing.assert_array_equal(data.arrays["x"], _img(3))
+    assert "casting input 'x' from float64 to float32" in caplog.text
+
+
+def test_int_out_of_range(tmp_path: Path) -> None:
+    specs = [InputSpec("t", np.dtype(np.int8), ("N", 2))]
+    with pytest.raises(BadDataError, match="input 't' holds values outside the range of int8"):
+        load_data(_npz(tmp_path, t=np.array([[1, 300]], np.int64)), specs)
+    assert load_data(_npz(tmp_path, t=np.array([[1, -128]], np.int64)), specs).arrays["t"].dtype == np.int8
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite(tmp_path: Path, bad: float) -> None:
+    x = _img(3)
+    x[2, 1, 0, 3] = bad
+    with pytest.raises(BadDataError, match="input 'x' holds NaN or Inf; clean the data"):
+        load_data(_npz(tmp_path, x=x), _specs(IMG))
+
+
+def test_overflow_on_cast_is_reported(tmp_path: Path) -> None:
+    specs = [InputSpec("h", np.dtype(np.float16), ("N", 2))]
+    with pytest.raises(BadDataError, match="holds NaN or Inf after casting to float16"):
+        load_data(_npz(tmp_path, h=np.array([[1.0, 1e6]], np.float32)), specs)
+
+
+def test_zero_samples(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match="input 'x' has 0 samples; give at least one"):
+        load_data(_npz(tmp_path, x=_img(0)), _specs(IMG))
+
+
+def test_sample_count_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(BadDataError, match=r"different sample counts \(x: 4, ids: 3\)"):
+        load_data(_npz(tmp_path, x=_img(4), ids=_ids(3)), _specs(TWO))
+
+
+def test_symbolic_dims_must_agree(tmp_path: Path) -> None:
+    specs = _specs([("a", F32, ["N", "L"]), ("b", F32, ["N", "L"])])
+    path = _npz(tmp_path, a=np.zeros((2, 5), np.float32), b=np.zeros((2, 6), np.float32))
+    with pytest.raises(BadDataError, match=r"inputs 'a' and 'b' disagree on dimension 'L' \(5 vs 6\)"):
+        load_data(path, specs)
+
+
+def test_samples_cap_and_argument_check(tmp_path: Path) -> None:
+    path = _npz(tmp_path, x=_img(10))
+    assert load_data(path, _specs(IMG), samples=7).samples == 7
+    assert load_data(path, _specs(IMG), samples=70).samples == 10
+    with pytest.raises(BadArgumentError, match="--samples 0"):
+        load_data(path, _specs(IMG), samples=0)
+
+
+def test_fixed_batch_needs_enough_samples(tmp_path: Path) -> None:
+    specs = _specs([("x", F32, [4, 3, 4, 4])])
+    with pytest.raises(BadDataError, match="3 sample.* fixes its batch axis to 4; give at least 4 samples"):
+        load_data(_npz(tmp_path, x=_img(3)), specs)
+    data = load_data(_npz(tmp_path, x=_img(10)), specs)
+    assert data.samples == 10 and choose_batch_size(specs, data) == 4
+
+
+def test_conflicting_fixed_batches() -> None:
+    specs = _specs([("a", F32, [4, 2]), ("b", F32, [2, 2])])
+    with pytest.raises(BadDataError, match=r"inputs fix axis 0 to different sizes \(a: 4, b: 2\)"):
+        load_data(None, specs)
+
+
+# --- random data --------------------------------------------------------------------------------------------------
+
+
+def test_random_data(caplog: pytest.LogCaptureFixture) -> None:
+    specs = _specs(TWO + [("flag", TensorProto.BOOL, ["N"])])
+    with caplog.at_level(logging.WARNING, logger="onnx_easier.data"):
+        data = load_data(None, specs)
+    assert "entropies of random data do not describe real inputs" in caplog.text
+    assert (data.source, data.samples, data.synthetic) == ("random", 64, True)
+    assert data.arrays["x"].shape == (64, 3, 4, 4) and data.arrays["x"].dtype == np.float32
+    assert abs(float(data.arrays["x"].mean())) < 0.1 and 0.9 < float(data.arrays["x"].std()) < 1.1
+    ids = data.arrays["ids"]
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 10
+    assert data.arrays["flag"].dtype == np.bool_ and 0 < data.arrays["flag"].sum() < 64
+    again = load_data(None, specs)
+    np.testing.assert_array_equal(again.arrays["x"], data.arrays["x"])
+    other = load_data(None, specs, seed=1, samples=5)
+    assert other.samples == 5 and not np.array_equal(other.arrays["x"], data.arrays["x"][:5])
+
+
+def test_random_data_fixed_batch_makes_whole_batches() -> None:
+    assert load_data(None, _specs([("x", F32, [5, 2])])).samples == 60
+    assert load_data(None, _specs([("x", F32, [100, 2])])).samples == 100
+
+
+def test_random_data_needs_dynamic_dims() -> None:
+    specs = _specs([("x", F32, ["N", 3, "H", "W"])])
+    with pytest.raises(BadDataError, match=r"input 'x' .* has dynamic axes \[2, 3\]; pass --input-shape x:d0,d1,"):
+        load_data(None, specs)
+    data = load_data(None, specs, input_shapes={"x": (1, 3, 8, 6)}, samples=3)
+    assert data.arrays["x"].shape == (3, 3, 8, 6)
+    unranked = _specs([("u", F32, None)])
+    with pytest.raises(BadDataError, match="input 'u' has no known rank; pass --input-shape u:d0,d1"):
+        load_data(None, unranked)
+    assert load_data(None, unranked, input_shapes={"u": (1, 2)}, samples=2).arrays["u"].shape == (2, 2)
+
+
+def test_input_shapes_checked_against_model(tmp_path: Path) -> None:
+    specs = _specs([("x", F32, ["N", 3, "H", "W"])])
+    with pytest.raises(BadDataError, match=r"--input-shape names unknown input\(s\) 'y'; the model's inputs are: x"):
+        load_data(None, specs, input_shapes={"y": (1, 2)})
+    with pytest.raises(BadDataError, match="--input-shape x: gives 3 dims but the model's input has rank 4"):
+        load_data(None, specs, input_shapes={"x": (1, 3, 8)})
+    with pytest.raises(BadDataError, match="--input-shape x: axis 1 is 4 but the model fixes it to 3"):
+        load_data(None, specs, input_shapes={"x": (1, 4, 8, 8)})
+    path = _npz(tmp_path, x=np.zeros((2, 3, 8, 7), np.float32))
+    with pytest.raises(BadDataError, match="axis 3 is 7, expected 8"):
+        load_data(path, specs, input_shapes={"x": (1, 3, 8, 8)})
+
+
+def test_random_unsupported_dtype() -> None:
+    specs = [InputSpec("s", np.dtype(np.str_), ("N",))]
+    with pytest.raises(BadDataError, match="cannot make random data of type"):
+        load_data(None, specs)
+
+
+def test_scalar_input() -> None:
+    specs = _specs([("x", F32, ["N", 2]), ("t", F32, [])])
+    data = load_data(None, specs, samples=3)
+    assert data.arrays["t"].shape == (3,) and data.scalars == {"t"}
+    assert choose_batch_size(specs, data) == 1
+    feeds = list(data.batches(1))
+    assert len(feeds) == 3 and feeds[1]["t"].shape == () and feeds[1]["x"].shape == (1, 2)
+    with pytest.raises(ValueError, match="one sample at a time"):
+        next(data.batches(2))
+
+
+# --- batching -----------------------------------------------------------------------------------------------------
+
+
+def test_batches_and_subset() -> None:
+    x = _img(10)
+    data = CalibrationData("mem", 10, {"x": x})
+    sizes = [b["x"].shape[0] for b in data.batches(4)]
+    assert sizes == [4, 4, 2]
+    assert [b["x"].shape[0] for b in data.batches(4, drop_last=True)] == [4, 4]
+    parts = list(data.batches(3, start=2, stop=9))
+    np.testing.assert_array_equal(np.concatenate([p["x"] for p in parts]), x[2:9])
+    assert all(np.shares_memory(p["x"], x) for p in parts)
+    sub = data.subset(3, 8)
+    assert sub.samples == 5 and sub.source == "mem"
+    np.testing.assert_array_equal(sub.arrays["x"], x[3:8])
+    with pytest.raises(ValueError, match="at least 1"):
+        next(data.batches(0))
+    with pytest.raises(ValueError, match="does not hold 5 samples"):
+        CalibrationData("mem", 5, {"x": x})
+
+
+def test_choose_batch_size_dynamic() -> None:
+    specs = _specs(IMG)  # one sample: 3*4*4 float32 = 192 bytes
+    assert choose_batch_size(specs, CalibrationData("m", 1000, {"x": _img(1000)})) == 256
+    assert choose_batch_size(specs, CalibrationData("m", 10, {"x": _img(10)})) == 10
+    assert choose_batch_size(specs, CalibrationData("m", 1000, {"x": _img(1000)}), max_bytes=192 * 5) == 5
+    big = np.zeros((3, 2**20 + 1, 4), np.float32)  # one sample > 16 MB
+    specs_big = _specs([("x", F32, ["N", 2**20 + 1, 4])])
+    assert choose_batch_size(specs_big, CalibrationData("m", 3, {"x": big})) == 1
+    mid = np.zeros((300, 1000), np.float32)  # 4000 bytes per sample
+    assert choose_batch_size(_specs([("x", F32, ["N", 1000])]), CalibrationData("m", 300, {"x": mid})) == min(
+        256, BATCH_BYTES // 4000
+    )
