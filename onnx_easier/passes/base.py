@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PassResult:
-    """Outcome of one graph pass: ``changed`` counts rewrites applied; ``notes`` says in words what was done
-    and why candidates were refused (one line each)."""
+    """Outcome of one graph pass. Every graph pass returns one, and logs one INFO line per run saying what it did.
+
+    name:    the pass's name ("cleanup", "linearize", ...).
+    changed: how many rewrites were applied (0: the graph is unchanged).
+    notes:   what was done and why candidates were refused, in words, one line each.
+    """
 
     name: str
     changed: int = 0
