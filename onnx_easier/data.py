@@ -11,6 +11,7 @@ and is fed one sample at a time.
 When the model fixes axis 0 to ``N``, batches hold exactly ``N`` samples; otherwise the batch size is chosen
 so that one batch of inputs is about 16 MB.
 """
+
 from __future__ import annotations
 
 import logging
@@ -147,7 +148,7 @@ class CalibrationData:
             j = min(i + batch_size, stop)
             if drop_last and j - i < batch_size:
                 return
-            yield {k: (v[i] if k in self.scalars else v[i:j]) for k, v in self.arrays.items()}
+            yield {k: (v[i, ...] if k in self.scalars else v[i:j]) for k, v in self.arrays.items()}
 
     def subset(self, start: int, stop: int) -> CalibrationData:
         """Samples ``[start, stop)`` as their own CalibrationData (views of the same arrays)."""

@@ -9,6 +9,7 @@ For one channel ``c`` of an activation's input ``x``, over every sample and ever
 A layer whose channels are always ON (or always OFF) has entropy 0: on the calibration data it behaves as an
 affine map, and EASIER replaces it by one. H_layer is at most 1 bit.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -363,7 +363,12 @@ def test_scalar_input() -> None:
     assert data.arrays["t"].shape == (3,) and data.scalars == {"t"}
     assert choose_batch_size(specs, data) == 1
     feeds = list(data.batches(1))
-    assert len(feeds) == 3 and feeds[1]["t"].shape == () and feeds[1]["x"].shape == (1, 2)
+    assert (
+        len(feeds) == 3
+        and isinstance(feeds[1]["t"], np.ndarray)
+        and feeds[1]["t"].shape == ()
+        and feeds[1]["x"].shape == (1, 2)
+    )
     with pytest.raises(ValueError, match="one sample at a time"):
         next(data.batches(2))
 

@@ -1,0 +1,336 @@
+"""Calibration: run the model on the calibration data and count, per channel, how often each activation is ON.
+
+Three steps, as in ONNX Runtime's quantization calibrator:
+
+1. ``augment``: expose every pre-activation ``x`` (and, for moments, every activation output ``y = act(x)``) as a
+   graph output;
+2. collect: one ORT session with graph optimizations off (so tensor names survive), run batch by batch, fold each
+   batch into per-channel statistics and drop it, so memory does not grow with the number of samples;
+3. compute: ``ChannelStats`` turns the counts into the on-fraction ``p``, the EASIER entropy and, from the moments,
+   the per-channel least-squares affine fit ``y ~ a * x + b``::
+
+       a = cov(x, y) / var(x),   b = mean(y) - a * mean(x)        (a = 0, b = mean(y) when var(x) ~ 0)
+
+   A ReLU channel that is always ON has y = x, so the fit gives a = 1, b = 0; one that is always OFF has y = 0,
+   so it gives a = 0, b = 0. The moments are plain float64 sums, so var(x) = E[x^2] - E[x]^2 loses precision only
+   when |mean(x)| exceeds std(x) by about 1e6.
+
+Counts are integers, so the results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from onnx_easier.activations import Activation
+from onnx_easier.data import CalibrationData, choose_batch_size, fixed_batch, input_specs
+from onnx_easier.entropy import channel_on_fraction, layer_entropy
+from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
+from onnx_easier.model_io import make_session
+
+log = logging.getLogger(__name__)
+
+EXPOSED_BYTES = 256 * 2**20  # cap on the exposed tensors of one batch, when their shapes are known
+_DEGENERATE = 1e-10  # var(x) <= _DEGENERATE * E[x^2]: the channel is constant, fit y by its mean
+_ORT_RUN_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException)
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of one activation over the calibration data.
+
+    axis:     the channel axis of ``x`` (non-negative).
+    count_on: int64 per channel, positions where ``x >= 0``.
+    count:    positions counted per channel (samples * positions per sample).
+    moments (float64 per channel, None unless requested): sums of x, x^2, y, x*y, y^2 where y = act(x) is the
+    activation's output as ORT computes it, and the range ``min_x``, ``max_x``.
+    """
+
+    axis: int
+    count_on: np.ndarray
+    count: int
+    sum_x: np.ndarray | None = None
+    sum_x2: np.ndarray | None = None
+    sum_y: np.ndarray | None = None
+    sum_xy: np.ndarray | None = None
+    sum_y2: np.ndarray | None = None
+    min_x: np.ndarray | None = None
+    max_x: np.ndarray | None = None
+
+    @classmethod
+    def from_batch(cls, x: np.ndarray, axis: int, y: np.ndarray | None = None) -> ChannelStats:
+        """Statistics of one batch; moments are computed when ``y`` (the activation's output) is given."""
+        x = np.asarray(x)
+        if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {x.ndim}")
+        axis %= x.ndim
+        x3 = _channels_in_middle(x, axis)
+        on = np.add.reduce(x3 >= 0, axis=(0, 2), dtype=np.int64)
+        stats = cls(axis, on, x3.shape[0] * x3.shape[2])
+        if y is None:
+            return stats
+        y = np.asarray(y)
+        if y.shape != x.shape:
+            raise ValueError(f"activation output shape {y.shape} differs from its input shape {x.shape}")
+        y3 = _channels_in_middle(y, axis)
+        f64 = np.float64
+        stats.sum_x = np.add.reduce(x3, axis=(0, 2), dtype=f64)
+        stats.sum_y = np.add.reduce(y3, axis=(0, 2), dtype=f64)
+        stats.sum_x2 = np.einsum("icj,icj->c", x3, x3, dtype=f64)
+        stats.sum_xy = np.einsum("icj,icj->c", x3, y3, dtype=f64)
+        stats.sum_y2 = np.einsum("icj,icj->c", y3, y3, dtype=f64)
+        stats.min_x = x3.min(axis=(0, 2)).astype(f64) if x3.size else np.full(x3.shape[1], np.inf)
+        stats.max_x = x3.max(axis=(0, 2)).astype(f64) if x3.size else np.full(x3.shape[1], -np.inf)
+        return stats
+
+    @property
+    def channels(self) -> int:
+        return int(self.count_on.shape[0])
+
+    @property
+    def has_moments(self) -> bool:
+        return self.sum_x is not None
+
+    def p(self) -> np.ndarray:
+        """On-fraction per channel, ``count_on / count``."""
+        return channel_on_fraction(self.count_on, self.count)
+
+    def entropy(self) -> float:
+        """The EASIER entropy of this activation: mean over channels of the binary entropy of ``p``, in bits."""
+        return layer_entropy(self.count_on, self.count)
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """The statistics of both sets of samples together."""
+        if other.axis != self.axis or other.channels != self.channels:
+            raise ValueError(
+                f"cannot merge statistics of axis {other.axis} with {other.channels} channels into axis {self.axis} "
+                f"with {self.channels} channels"
+            )
+        if other.has_moments != self.has_moments:
+            raise ValueError("cannot merge statistics with moments and statistics without")
+        out = ChannelStats(self.axis, self.count_on + other.count_on, self.count + other.count)
+        if self.has_moments:
+            for name in ("sum_x", "sum_x2", "sum_y", "sum_xy", "sum_y2"):
+                setattr(out, name, getattr(self, name) + getattr(other, name))
+            out.min_x = np.minimum(self.min_x, other.min_x)
+            out.max_x = np.maximum(self.max_x, other.max_x)
+        return out
+
+    def _centered(self) -> tuple[np.ndarray, ...]:
+        """mean_x, mean_y, var_x, cov_xy, var_y, E[x^2] from the sums."""
+        if not self.has_moments:
+            raise ValueError("moments were not collected: calibrate with moments=True")
+        if self.count <= 0:
+            raise ValueError("no positions were counted")
+        n = float(self.count)
+        mx, my = self.sum_x / n, self.sum_y / n
+        ex2 = self.sum_x2 / n
+        return mx, my, ex2 - mx * mx, self.sum_xy / n - mx * my, self.sum_y2 / n - my * my, ex2
+
+    def affine_fit(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel ``(a, b)`` minimising ``mean((y - a x - b)^2)``: ``a = cov(x, y) / var(x)``,
+        ``b = mean(y) - a mean(x)``; a constant channel (var(x) ~ 0) gets ``a = 0, b = mean(y)``."""
+        mx, my, var_x, cov, _, ex2 = self._centered()
+        flat = var_x <= _DEGENERATE * ex2
+        a = np.where(flat, 0.0, cov / np.where(flat, 1.0, var_x))
+        return a, my - a * mx
+
+    def affine_mse(self) -> np.ndarray:
+        """Per channel ``mean((y - a x - b)^2)`` of the affine fit: ``var(y) - 2 a cov(x, y) + a^2 var(x)``."""
+        a, _ = self.affine_fit()
+        _, _, var_x, cov, var_y, _ = self._centered()
+        return np.maximum(var_y - 2 * a * cov + a * a * var_x, 0.0)
+
+    def identity_mse(self) -> np.ndarray:
+        """Per channel ``mean((y - x)^2)``: the error of replacing the activation by the identity."""
+        if not self.has_moments:
+            raise ValueError("moments were not collected: calibrate with moments=True")
+        return np.maximum((self.sum_y2 - 2 * self.sum_xy + self.sum_x2) / float(self.count), 0.0)
+
+
+def _channels_in_middle(x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` as ``[before, C, after]`` (a view for contiguous arrays): ``[N, C, H*W]`` or ``[N*T, C, 1]``."""
+    before = int(np.prod(x.shape[:axis], dtype=np.int64))
+    after = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
+    return x.reshape(before, x.shape[axis], after)
+
+
+# --- step 1: augment ----------------------------------------------------------------------------------------------
+
+
+def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (element type from shape inference when it is
+    known; no shape). Tensors that already are graph outputs are not added again."""
+    return _augment(model, tensors, _inferred_types(model))
+
+
+def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # unknown ops, models over 2 GB
+        log.debug("shape inference failed (%s); exposed tensors get no type", exc)
+        inferred = model
+    g = inferred.graph
+    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
+
+
+def _augment(model: onnx.ModelProto, tensors: list[str], types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    known = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    present = {o.name for o in g.output}
+    for name in dict.fromkeys(tensors):
+        if name in present:
+            continue
+        if name not in known:
+            raise OnnxEasierError(f"tensor {name!r} is not in the model's main graph; cannot expose it for calibration")
+        vi = onnx.ValueInfoProto(name=name)
+        t = types.get(name)
+        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+            vi.type.tensor_type.elem_type = t.tensor_type.elem_type
+        g.output.append(vi)
+        present.add(name)
+    return out
+
+
+# --- step 2 and 3: collect and compute ----------------------------------------------------------------------------
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    activations: list[Activation],
+    data: CalibrationData,
+    *,
+    batch_size: int | None = None,
+    moments: bool = False,
+    progress: bool = False,
+) -> dict[str, ChannelStats]:
+    """Per-channel statistics of every activation over ``data``, keyed by activation name.
+
+    One ORT session (optimizations off) on the augmented model runs batch by batch and fetches only the
+    exposed tensors. ``batch_size`` defaults to ``choose_batch_size`` further capped so one batch of exposed tensors
+    stays near 256 MB; a model whose batch axis is fixed to N runs in batches of exactly N and the remaining samples
+    are dropped with a warning. ``moments=True`` also fetches the activation outputs and collects the sums that
+    ``ChannelStats.affine_fit`` needs.
+    """
+    names = [a.name for a in activations]
+    if len(set(names)) != len(names):
+        raise OnnxEasierError("activation names must be unique")
+    specs = input_specs(model)
+    _check_feeds([s.name for s in specs], data)
+    fetch = list(dict.fromkeys([a.input for a in activations] + ([a.output for a in activations] if moments else [])))
+    types = _inferred_types(model)
+    fixed = fixed_batch(specs)
+    if batch_size is None:
+        batch_size = choose_batch_size(specs, data)
+        if fixed is None and not data.scalars:
+            batch_size = min(batch_size, _exposed_cap(fetch, types))
+    elif batch_size < 1:
+        raise BadArgumentError(f"batch size {batch_size}: give a positive batch size")
+    elif fixed is not None and batch_size != fixed:
+        raise BadArgumentError(f"batch size {batch_size}: the model fixes its batch axis to {fixed}; use {fixed}")
+    used = data.samples
+    if fixed is not None and data.samples % fixed:
+        used = data.samples - data.samples % fixed
+        log.warning(
+            "dropping the last %d of %d calibration samples: the model's batch axis is fixed to %d",
+            data.samples - used,
+            data.samples,
+            fixed,
+        )
+    if not activations:
+        return {}
+    sess = make_session(_augment(model, fetch, types), optimize=False)
+    stats: dict[str, ChannelStats] = {}
+    start = time.perf_counter()
+    batches = data.batches(batch_size, 0, used, drop_last=fixed is not None)
+    for k, feed in _with_progress(enumerate(batches), used, batch_size, progress):
+        try:
+            values = dict(zip(fetch, sess.run(fetch, feed)))
+        except _ORT_RUN_ERRORS as exc:
+            stop = min((k + 1) * batch_size, used)
+            raise BadDataError(
+                f"ONNX Runtime failed on calibration samples {k * batch_size}-{stop - 1}: "
+                f"{_first_line(exc)}; check the data's shapes against the model"
+            ) from exc
+        for act in activations:
+            batch = _batch_stats(act, values, moments)
+            stats[act.name] = batch if act.name not in stats else stats[act.name].merge(batch)
+        del values
+    log.info(
+        "calibrated %d activation(s) on %d %s sample(s) in batches of %d (%.2f s)",
+        len(activations),
+        used,
+        "random" if data.synthetic else "data",
+        batch_size,
+        time.perf_counter() - start,
+    )
+    return stats
+
+
+def _check_feeds(inputs: list[str], data: CalibrationData) -> None:
+    missing = [n for n in inputs if n not in data.arrays]
+    extra = [k for k in data.arrays if k not in inputs]
+    if missing or extra:
+        raise BadDataError(
+            f"{data.source}: the data does not match the model's inputs ({', '.join(inputs)}): "
+            f"missing {missing or 'none'}, unknown {extra or 'none'}; load it with data.load_data for this model"
+        )
+
+
+def _exposed_cap(fetch: list[str], types: dict[str, onnx.TypeProto]) -> int:
+    """Largest batch whose exposed tensors fit EXPOSED_BYTES, from the statically known shapes (axis 0 = batch)."""
+    per_sample = 0
+    for name in fetch:
+        t = types.get(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            continue
+        dims = t.tensor_type.shape.dim[1:]
+        if all(d.HasField("dim_value") for d in dims):
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type)).itemsize
+            per_sample += int(np.prod([d.dim_value for d in dims], dtype=np.int64)) * itemsize
+    return max(1, EXPOSED_BYTES // per_sample) if per_sample else sys.maxsize
+
+
+def _batch_stats(act: Activation, values: dict[str, np.ndarray], moments: bool) -> ChannelStats:
+    x = values[act.input]
+    try:
+        batch = ChannelStats.from_batch(x, act.axis, values[act.output] if moments else None)
+    except ValueError as exc:
+        raise OnnxEasierError(f"activation {act.name!r}: {exc}") from exc
+    if act.channels is not None and batch.channels != act.channels:
+        raise OnnxEasierError(
+            f"activation {act.name!r}: expected {act.channels} channels on axis {act.axis}, ORT gave {batch.channels}"
+        )
+    return batch
+
+
+def _with_progress(items: Iterable, total: int, step: int, enabled: bool) -> Iterator:
+    """``items`` unchanged, with a transient rich progress bar on stderr when enabled and stderr is a terminal."""
+    if not (enabled and sys.stderr.isatty()):
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("calibrating", total=total)
+        done = 0
+        for item in items:
+            yield item
+            bar.advance(task, min(step, total - done))
+            done += step
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
