@@ -1,0 +1,130 @@
+"""Cleanup: remove pass-through nodes, dead nodes and unused initializers; merge duplicate constants.
+
+Rules (main graph only; the insides of If/Loop/Scan subgraphs are never modified):
+
+- ``Identity(x) -> y``: readers of ``y`` read ``x``. When ``y`` is a graph output, the producer of ``x`` writes
+  ``y`` instead (graph_utils.remove_node), so graph input/output names never change. Refused when ``y`` is read
+  inside a subgraph (the subgraph refers to it by name) or when ``x`` is a graph input and ``y`` a graph output
+  (an Identity is the only way to express that).
+- ``Dropout`` at inference is the identity: removed like Identity when ``training_mode`` is absent or a constant
+  false and its ``mask`` output is unused.
+- dead nodes (contributing to no graph output) and initializers no node reads are dropped.
+- ``merge_constants`` (a separate pass, run once after fusion): initializers with the same dtype, shape and bytes
+  become one. It is not part of ``run`` on purpose: merging first would make, say, two BatchNormalizations with
+  the same freshly-initialised parameters look as if they shared weights, which blocks their fusion.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_easier.graph_utils import constant_value, is_graph_output, remove_node
+from onnx_easier.passes.base import PassResult
+
+log = logging.getLogger(__name__)
+
+
+def run(graph: gs.Graph, ctx: object | None = None) -> PassResult:
+    """Remove Identity / inference Dropout, dead nodes and unused initializers. ``ctx`` is unused."""
+    result = PassResult("cleanup")
+    removed = 0
+    main = {id(n) for n in graph.nodes}
+    for node in list(graph.nodes):
+        if node.op not in ("Identity", "Dropout") or node.domain not in ("", "ai.onnx", None):
+            continue
+        reason = check_passthrough(graph, node, main)
+        if reason:
+            _refuse(result, f"{node.op} {node.name!r} kept: {reason}")
+            continue
+        del node.outputs[1:]  # an unused Dropout mask
+        remove_node(graph, node)
+        if node.outputs:  # remove_node fell back to an Identity (graph input straight to a graph output)
+            _refuse(result, f"{node.op} {node.name!r} kept: it joins a graph input to a graph output")
+            continue
+        removed += 1
+    before_nodes = len(graph.nodes)
+    before_consts = _constant_names(graph)
+    graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
+    dead = before_nodes - len(graph.nodes)
+    unused = len(before_consts - _constant_names(graph))
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    result.changed = removed + dead + unused
+    if removed:
+        result.notes.append(f"removed {removed} Identity/Dropout nodes")
+    if dead or unused:
+        result.notes.append(f"removed {dead} dead nodes and {unused} unused initializers")
+    log.info("cleanup: %d pass-through nodes, %d dead nodes, %d unused initializers removed", removed, dead, unused)
+    return result
+
+
+def check_passthrough(graph: gs.Graph, node: gs.Node, main: set[int]) -> str | None:
+    """Why ``node`` (Identity or Dropout) cannot be bypassed, or None when it can."""
+    if not node.inputs or not node.outputs:
+        return "it has no data input or output"
+    out = node.outputs[0]
+    if any(id(r) not in main for r in out.outputs):
+        return f"its output {out.name!r} is read inside a subgraph"
+    if node.op == "Dropout":
+        if len(node.outputs) > 1 and node.outputs[1].name and (
+            node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])
+        ):
+            return "its mask output is used"
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            mode = constant_value(node.inputs[2])
+            if mode is None:
+                return "training_mode is not a constant"
+            if bool(np.asarray(mode).reshape(-1)[0]):
+                return "training_mode is true"
+    return None
+
+
+def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
+    """Make main-graph readers of equal initializers (dtype, shape, bytes) read one of them.
+
+    Constants read inside a subgraph or that are graph outputs are left alone. ``ctx`` is unused.
+    """
+    result = PassResult("merge_constants")
+    in_subgraphs = _names_read_in_subgraphs(graph)
+    first: dict[tuple, gs.Constant] = {}
+    merged = 0
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant) or t.name in in_subgraphs or is_graph_output(graph, t):
+                continue
+            arr = np.ascontiguousarray(np.asarray(t.values))
+            key = (arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
+            keep = first.setdefault(key, t)
+            if keep is not t:
+                node.inputs[i] = keep
+                merged += 1
+    names_before = _constant_names(graph)
+    graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
+    dropped = len(names_before - _constant_names(graph))
+    result.changed = dropped
+    if dropped:
+        result.notes.append(f"merged {dropped} duplicate initializers ({merged} reads redirected)")
+    log.info("merge_constants: %d duplicate initializers merged", dropped)
+    return result
+
+
+def _constant_names(graph: gs.Graph) -> set[str]:
+    return {t.name for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant)}
+
+
+def _names_read_in_subgraphs(graph: gs.Graph) -> set[str]:
+    names: set[str] = set()
+    stack = [sg for n in graph.nodes for sg in n.subgraphs()]
+    while stack:
+        sg = stack.pop()
+        for n in sg.nodes:
+            names.update(t.name for t in n.inputs)
+            stack.extend(n.subgraphs())
+    return names
+
+
+def _refuse(result: PassResult, reason: str) -> None:
+    log.debug("%s: %s", result.name, reason)
+    result.notes.append(reason)
