@@ -1,0 +1,293 @@
+"""The report as one self-contained HTML page: no scripts, no external CSS, fonts or images; the entropy plot is
+inline SVG written here by hand. Rendering only: the report dict is built by api.py (schema there).
+
+Sections, in order: summary (model, data, tool), warnings, fidelity, latency, the entropy of every activation
+in graph order (linearized ones highlighted; hovering a bar shows its node through the SVG ``<title>``), the
+decisions table, the before / after table, the exactness check and the passes. Every block but the summary,
+the plot and the decisions is optional and left out when its key is missing. Every string taken from the
+report (node names come from the user's model) goes through ``html.escape``.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COST_ROWS = ("nodes", "compute_nodes", "activations", "depth", "params", "macs")
+ACTION_COLORS = {"linearized": "#e8590c", "kept": "#4c6ef5"}
+OTHER_COLOR = "#868e96"
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 72em;
+       padding: 0 1em; color: #212529; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #dee2e6; }
+dl.kv { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
+dl.kv dt { font-weight: 600; } dl.kv dd { margin: 0; font-family: ui-monospace, monospace; }
+table { border-collapse: collapse; font-size: 0.92em; }
+th, td { border: 1px solid #dee2e6; padding: 0.25em 0.6em; }
+th { background: #f1f3f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.name { font-family: ui-monospace, monospace; }
+tr.linearized td { background: #fff4e6; } tr.op td { color: #868e96; }
+.ok { color: #2b8a3e; font-weight: 600; } .fail { color: #c92a2a; font-weight: 600; }
+.warn { background: #fff9db; border-left: 4px solid #fab005; padding: 0.4em 0.8em; }
+.plot { overflow-x: auto; } .legend span { margin-right: 1.2em; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: middle; margin-right: 0.3em; }
+svg text { font: 11px system-ui, sans-serif; fill: #495057; }
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: object, fmt: str = ",") -> str:
+    """Format a number; anything else (None, missing, non-finite) as '-' or its escaped text."""
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else _e(value)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return _e(value)
+        return _e(format(value, fmt))
+    return _e(value)
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _kv(rows: list[tuple[str, str]]) -> str:
+    """A definition list; values are already-escaped HTML."""
+    return '<dl class="kv">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
+
+
+def _summary(report: dict) -> str:
+    data = report.get("data", {})
+    tool = report.get("tool", {})
+    src = _e(data.get("source", "-"))
+    if data.get("synthetic"):
+        src += " (random samples: entropies and fidelity say little about real inputs)"
+    rows = [("model", _e(report.get("model", "-"))), ("data", src), ("samples", _num(data.get("samples")))]
+    if "linearize" in report:
+        rows.append(("linearize", _e(report["linearize"])))
+    if "remove" in report:
+        rows.append(("remove", _num(report["remove"])))
+    if "calibration_seconds" in report:
+        rows.append(("calibration", f"{_num(report['calibration_seconds'], '.2f')} s"))
+    rows.append(("tool", _e(f"{tool.get('name', 'onnx-easier')} {tool.get('version', '')}".strip())))
+    return _kv(rows)
+
+
+def _warnings(report: dict) -> str:
+    items = report.get("warnings") or []
+    return "".join(f'<p class="warn">{_e(w)}</p>' for w in items)
+
+
+def _fidelity(report: dict) -> str:
+    fid = report.get("fidelity")
+    if not fid:
+        return ""
+    value, tol = _finite(fid.get("value")), _finite(fid.get("tolerance"))
+    ok = fid.get("ok", value is not None and tol is not None and value <= tol)
+    verdict = '<span class="ok">within tolerance</span>' if ok else '<span class="fail">outside tolerance</span>'
+    rows = [
+        ("metric", _e(fid.get("metric", "-"))),
+        ("loss", f"{_num(fid.get('value'), '.4g') if fid.get('value') is not None else 'not finite'} {verdict}"),
+        ("tolerance", _num(fid.get("tolerance"), "g")),
+        ("samples", _num(fid.get("samples"))),
+    ]
+    for key, val in (fid.get("components") or {}).items():
+        if isinstance(val, (int, float, str)) and not isinstance(val, bool):
+            rows.append((key.replace("_", " "), _num(val, ".4g") if isinstance(val, float) else _num(val)))
+    return "<h2>Fidelity against the original</h2>" + _kv(rows)
+
+
+def _ms(entry: object) -> tuple[float | None, str]:
+    """(median ms, escaped text) from a latency entry: a number of ms or a dict with median/p10/p90."""
+    if isinstance(entry, dict):
+        med = _finite(entry.get("median_ms"))
+        text = f"{_num(entry.get('median_ms'), '.4g')} ms"
+        if _finite(entry.get("p10_ms")) is not None and _finite(entry.get("p90_ms")) is not None:
+            text += f" (p10 {_num(entry['p10_ms'], '.4g')}, p90 {_num(entry['p90_ms'], '.4g')})"
+        return med, text
+    return _finite(entry), f"{_num(entry, '.4g')} ms"
+
+
+def _latency(report: dict) -> str:
+    lat = report.get("latency_ms")
+    if not lat:
+        return ""
+    before, before_text = _ms(lat.get("before"))
+    rows = [("before", before_text)]
+    if lat.get("after") is not None:
+        after, after_text = _ms(lat["after"])
+        rows.append(("after", after_text))
+        if before and after:
+            rows.append(("after / before", f"{after / before:.3f} ({before / after:.2f}x as fast)"))
+    rows += [("provider", _e(lat.get("provider", "-"))), ("batch", _num(lat.get("batch")))]
+    return "<h2>Latency (ms per run)</h2>" + _kv(rows)
+
+
+def _color(action: str) -> str:
+    return ACTION_COLORS.get(action, OTHER_COLOR)
+
+
+def entropy_svg(activations: list[dict]) -> str:
+    """Bars of each activation's entropy in graph order; one ``<rect class="act ...">`` per activation, its
+    ``<title>`` naming the node. Entropy is in bits (at most 1); the axis grows if a value exceeds 1."""
+    n = len(activations)
+    if n == 0:
+        return "<p>No activations found.</p>"
+    left, right, top, bottom, height = 44, 12, 10, 34, 200
+    bar = max(3.0, min(28.0, 760.0 / n))
+    width = left + right + bar * n
+    values = [_finite(a.get("entropy")) for a in activations]
+    ymax = max([1.0] + [v for v in values if v is not None])
+    y0 = top + height
+
+    def y(v: float) -> float:
+        return y0 - height * v / ymax
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{y0 + bottom}" '
+             f'viewBox="0 0 {width:.0f} {y0 + bottom}" role="img" '
+             'aria-label="entropy of each activation in graph order">')]
+    for i in range(5):  # y grid and ticks
+        v = ymax * i / 4
+        parts.append(f'<line x1="{left}" x2="{width - right:.1f}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                     'stroke="#e9ecef"></line>')
+        parts.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    step = max(1, math.ceil(n / 12))
+    for i, (a, v) in enumerate(zip(activations, values)):
+        x = left + i * bar
+        action = str(a.get("action", "kept"))
+        h = 0.0 if v is None else y0 - y(v)
+        h = max(h, 2.0)  # entropy 0 (the prime candidates) stays visible and hoverable
+        label = (f"#{i + 1} {a.get('node', '?')} ({a.get('op', '?')}): entropy "
+                 f"{'not measured' if v is None else format(v, '.4f')} bits, {action}")
+        klass = "act " + "".join(c if c.isalnum() else "-" for c in action)
+        parts.append(f'<rect class="{_e(klass)}" x="{x + bar * 0.1:.1f}" y="{y0 - h:.1f}" width="{bar * 0.8:.1f}" '
+                     f'height="{h:.1f}" fill="{_color(action)}"><title>{_e(label)}</title></rect>')
+        if i % step == 0:
+            parts.append(f'<text x="{x + bar / 2:.1f}" y="{y0 + 14}" text-anchor="middle">{i + 1}</text>')
+    parts.append(f'<line x1="{left}" x2="{width - right:.1f}" y1="{y0}" y2="{y0}" stroke="#495057"></line>')
+    parts.append(f'<text x="{left}" y="{y0 + 30}">activations in graph order (entropy in bits)</text>')
+    parts.append("</svg>")
+    actions = sorted({str(a.get("action", "kept")) for a in activations})
+    legend = "".join(f'<span><span class="swatch" style="background:{_color(k)}"></span>{_e(k)}</span>'
+                     for k in actions)
+    return f'<div class="plot">{"".join(parts)}</div><p class="legend">{legend}</p>'
+
+
+def _fidelity_cell(value: object) -> str:
+    if isinstance(value, dict):
+        value = value.get("value")
+    if value is None:
+        return ""
+    return _num(value, ".4g") if isinstance(value, (int, float)) else _e(value)
+
+
+def decisions_table(activations: list[dict]) -> str:
+    """One row per activation in graph order: node, op, channels, entropy, rank by entropy, action, fidelity."""
+    if not activations:
+        return ""
+    entropies = [_finite(a.get("entropy")) for a in activations]
+    order = sorted(range(len(activations)), key=lambda i: math.inf if entropies[i] is None else entropies[i])
+    rank = {i: r for r, i in enumerate(order, 1)}  # ties keep graph order, as the terminal table
+    head = "".join(f"<th>{h}</th>" for h in ("#", "activation", "op", "channels", "entropy", "rank", "action",
+                                            "fidelity when tried"))
+    rows = []
+    for i, a in enumerate(activations):
+        op = str(a.get("op", "-"))
+        if a.get("spelling", "op") != "op":
+            op += f" ({a['spelling']})"
+        action = str(a.get("action", "kept"))
+        klass = ' class="linearized"' if action == "linearized" else ""
+        rows.append(
+            f"<tr{klass}><td class=\"num\">{i + 1}</td><td class=\"name\">{_e(a.get('node', '-'))}</td>"
+            f"<td>{_e(op)}</td><td class=\"num\">{_num(a.get('channels'))}</td>"
+            f"<td class=\"num\">{_num(a.get('entropy'), '.4f')}</td><td class=\"num\">{rank[i]}</td>"
+            f"<td>{_e(action)}</td><td class=\"num\">{_fidelity_cell(a.get('fidelity'))}</td></tr>"
+        )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def cost_table(report: dict) -> str:
+    """Before (and after, with the ratio) for the six cost fields, then nodes per op type."""
+    before, after = report.get("before"), report.get("after")
+    if not before:
+        return ""
+    head = "<th></th><th>before</th>" + ("<th>after</th><th>after / before</th>" if after else "")
+    rows = []
+    for key in COST_ROWS:
+        cells = f"<td>{_e(key.replace('_', ' '))}</td><td class=\"num\">{_num(before.get(key))}</td>"
+        if after:
+            b, a = _finite(before.get(key)), _finite(after.get(key))
+            r = f"{a / b:.2f}" if a is not None and b else "-"
+            cells += f"<td class=\"num\">{_num(after.get(key))}</td><td class=\"num\">{r}</td>"
+        rows.append(f"<tr>{cells}</tr>")
+    b_ops, a_ops = before.get("per_op") or {}, (after or {}).get("per_op") or {}
+    for op in sorted(set(b_ops) | set(a_ops)):
+        cells = f"<td>&nbsp;&nbsp;{_e(op)}</td><td class=\"num\">{_num(b_ops.get(op, 0))}</td>"
+        if after:
+            cells += f"<td class=\"num\">{_num(a_ops.get(op, 0))}</td><td></td>"
+        rows.append(f'<tr class="op">{cells}</tr>')
+    return f"<h2>Model before / after</h2><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _exactness_and_passes(report: dict) -> str:
+    out = []
+    exact = report.get("exactness")
+    if exact:
+        out.append(f"<p>Fusions verified exact: max relative error {_num(exact.get('max_relative_error'), '.2e')} "
+                   f"on {_num(exact.get('samples'))} samples (rtol {_num(exact.get('rtol'), 'g')}).</p>")
+    passes = report.get("passes")
+    if passes:
+        items = "".join(
+            f"<li><strong>{_e(p.get('name', '?'))}</strong>: {'changed' if p.get('changed') else 'no change'}"
+            + "".join(f"; {_e(n)}" for n in (p.get("notes") or [])) + "</li>"
+            for p in passes
+        )
+        out.append(f"<h2>Passes</h2><ul>{items}</ul>")
+    return "".join(out)
+
+
+def render_html(report: dict) -> str:
+    """The whole page as a string."""
+    acts = report.get("activations") or []
+    title = f"onnx-easier report: {report.get('model', '')}"
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        _summary(report),
+        _warnings(report),
+        _fidelity(report),
+        _latency(report),
+        f"<h2>EASIER entropy of each activation ({len(acts)})</h2>",
+        entropy_svg(acts),
+        "<h2>Decisions</h2>" + decisions_table(acts) if acts else "",
+        cost_table(report),
+        _exactness_and_passes(report),
+        "</body></html>\n",
+    ])
+
+
+def write_html(report: dict, path: str | os.PathLike) -> None:
+    """Write the page atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    page = render_html(report)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote the HTML report to %s (%d activations)", path, len(report.get("activations") or []))
