@@ -49,6 +49,7 @@ import numpy as np
 __all__ = [
     "Composed",
     "ConvLayer",
+    "Layout",
     "add_identity",
     "affine_layer",
     "bn_affine",
@@ -56,6 +57,7 @@ __all__ = [
     "conv_forward",
     "conv_macs",
     "conv_params",
+    "fused_layout",
     "make_layer",
     "output_spatial",
     "regroup",
@@ -226,46 +228,54 @@ def output_spatial(layer: ConvLayer, in_spatial: tuple[int, ...]) -> tuple[int, 
 
 
 def conv_forward(x: np.ndarray, layer: ConvLayer) -> np.ndarray:
-    """Reference implementation on ``[N, Cin, *S]`` (tap-stacking im2col + einsum, float64), any nd incl. 0."""
+    """Reference implementation on ``[N, Cin, *S]`` (float64), any nd incl. 0: one strided view of the padded input
+    per kernel tap, contracted with that tap's grouped weight and accumulated."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != layer.nd + 2 or x.shape[1] != layer.cin:
         raise ValueError(f"input of shape {x.shape} does not fit a {layer.nd}-d layer with Cin = {layer.cin}")
     n, g = x.shape[0], layer.groups
     cin_g, cout_g = layer.cin // g, layer.cout // g
-    weight = layer.weight.reshape((g, cout_g, cin_g, -1))  # [g, Cout/g, Cin/g, taps]
+    weight = layer.weight.reshape((g, cout_g, cin_g) + layer.kernel)
+    bias = layer.bias.reshape((-1,) + (1,) * layer.nd)
     if layer.nd == 0:
-        y = np.einsum("ngc,goc->ngo", x.reshape(n, g, cin_g), weight[..., 0])
-        return y.reshape(n, layer.cout) + layer.bias
+        return np.einsum("ngc,goc->ngo", x.reshape(n, g, cin_g), weight).reshape(n, layer.cout) + bias
     out = output_spatial(layer, x.shape[2:])
     padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(layer.pads_begin, layer.pads_end)))
-    columns = []
+    padded = padded.reshape((n, g, cin_g) + padded.shape[2:])
+    y = np.zeros((n, g, cout_g) + out)
     for tap in np.ndindex(*layer.kernel):
         index = tuple(
             slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, layer.dilations, layer.strides, out)
         )
-        columns.append(padded[(slice(None), slice(None)) + index])
-    cols = np.stack(columns, axis=2).reshape((n, g, cin_g, len(columns)) + out)
-    y = np.einsum("ngct...,goct->ngo...", cols, weight, optimize=True)
-    return y.reshape((n, layer.cout) + out) + layer.bias.reshape((-1,) + (1,) * layer.nd)
+        y += np.einsum("ngc...,goc->ngo...", padded[(slice(None),) * 3 + index], weight[(Ellipsis,) + tap])
+    return y.reshape((n, layer.cout) + out) + bias
+
+
+def _coarsen(weight: np.ndarray, groups: int, to: int) -> np.ndarray:
+    """A grouped weight ``[Cout, Cin/groups, *k]`` re-expressed with ``to`` groups, ``to`` dividing ``groups``
+    (each new group holds ``groups/to`` old ones on its block diagonal); ``to = 1`` is the dense weight."""
+    if to == groups:
+        return weight
+    cout, cin_g = weight.shape[:2]
+    per = groups // to
+    old_group = np.arange(cout) // (cout // groups)
+    columns = (old_group % per)[:, None] * cin_g + np.arange(cin_g)  # position inside the new, wider group
+    out = np.zeros((cout, cin_g * per) + weight.shape[2:])
+    out[np.arange(cout)[:, None], columns] = weight
+    return out
 
 
 def to_dense(layer: ConvLayer) -> ConvLayer:
     """The same layer with groups = 1 (block-diagonal weight)."""
     if layer.groups == 1:
         return layer
-    g = layer.groups
-    cin_g, cout_g = layer.cin // g, layer.cout // g
-    weight = np.zeros((layer.cout, layer.cin) + layer.kernel)
-    for block in range(g):
-        rows = slice(block * cout_g, (block + 1) * cout_g)
-        weight[rows, block * cin_g : (block + 1) * cin_g] = layer.weight[rows]
-    return ConvLayer(weight, layer.bias, layer.strides, layer.dilations, layer.pads, 1)
+    return ConvLayer(_coarsen(layer.weight, layer.groups, 1), layer.bias, layer.strides, layer.dilations, layer.pads)
 
 
 def _connectivity(layer: ConvLayer) -> np.ndarray:
     """[Cout, Cin] boolean: does output channel o read input channel c with any non-zero tap."""
-    dense = to_dense(layer).weight
-    return np.any(dense.reshape(dense.shape[0], dense.shape[1], -1) != 0, axis=2)
+    nonzero = np.any(layer.weight.reshape(layer.cout, layer.weight.shape[1], -1) != 0, axis=2)
+    return _coarsen(nonzero, layer.groups, 1) != 0
 
 
 def _block_diagonal(conn: np.ndarray, g: int) -> bool:
@@ -274,22 +284,29 @@ def _block_diagonal(conn: np.ndarray, g: int) -> bool:
     return not np.any(blocks & ~np.eye(g, dtype=bool))
 
 
+def _gather_groups(layer: ConvLayer, g: int) -> np.ndarray:
+    """The weight in ``g``-group form, read from the grouped form without densifying. Only valid when the dense
+    weight is block diagonal with ``g`` blocks (entries outside both group structures are zero)."""
+    cout, cin_old = layer.cout, layer.weight.shape[1]
+    cin_new = layer.cin // g
+    rows = np.arange(cout)[:, None]
+    columns = (rows // (cout // g)) * cin_new + np.arange(cin_new)  # input channel, [Cout, Cin/g]
+    local = columns - (rows // (cout // layer.groups)) * cin_old  # its index in the old group of the row
+    inside = (local >= 0) & (local < cin_old)
+    weight = layer.weight[rows, np.clip(local, 0, cin_old - 1)]
+    return np.where(inside.reshape(inside.shape + (1,) * layer.nd), weight, 0.0)
+
+
 def regroup(layer: ConvLayer) -> ConvLayer:
     """The grouped form with the largest group count g (g | Cin, g | Cout) whose block-diagonal structure
     (g blocks) the dense weight has. Exact: only zero weights are dropped."""
     conn = _connectivity(layer)
-    cin, cout = layer.cin, layer.cout
-    common = math.gcd(cin, cout)
+    common = math.gcd(layer.cin, layer.cout)
     for g in sorted((v for v in range(1, common + 1) if common % v == 0), reverse=True):
         if g == layer.groups:
             return layer
         if _block_diagonal(conn, g):
-            dense = to_dense(layer).weight
-            cin_g, cout_g = cin // g, cout // g
-            weight = np.concatenate(
-                [dense[b * cout_g : (b + 1) * cout_g, b * cin_g : (b + 1) * cin_g] for b in range(g)], axis=0
-            )
-            return ConvLayer(weight, layer.bias, layer.strides, layer.dilations, layer.pads, g)
+            return ConvLayer(_gather_groups(layer, g), layer.bias, layer.strides, layer.dilations, layer.pads, g)
     raise AssertionError("unreachable: g = 1 is always block diagonal")
 
 
@@ -422,24 +439,18 @@ def _border_reason_unknown(layers: list[ConvLayer]) -> str | None:
     return None
 
 
-def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
-    """The composed linear part (zero bias, dense groups, compressed dilation), ignoring the border condition."""
-    nd, n = layers[0].nd, len(layers)
-    weight = np.eye(layers[0].cin).reshape((layers[0].cin, layers[0].cin) + (1,) * nd)  # identity, [C, C, 1..]
-    stride = np.ones(nd, dtype=np.int64)
-    for layer in layers:
-        dense = to_dense(layer).weight
-        kernel, dil = np.array(layer.kernel), np.array(layer.dilations)
-        size = np.array(weight.shape[2:]) + (kernel - 1) * dil * stride
-        fused = np.zeros((dense.shape[0], weight.shape[1]) + tuple(int(v) for v in size))
-        for tap in np.ndindex(*layer.kernel):
-            start = np.array(tap) * dil * stride
-            index = tuple(slice(int(b), int(b) + e) for b, e in zip(start, weight.shape[2:]))
-            fused[(slice(None), slice(None)) + index] += np.tensordot(
-                dense[(slice(None), slice(None)) + tap], weight, 1
-            )
-        weight = fused
-        stride = stride * np.array(layer.strides, dtype=np.int64)
+def _expand_dilation(layer: ConvLayer) -> np.ndarray:
+    """The weight as a dilation-1 kernel of size ``d*(k-1) + 1`` (zeros between the taps)."""
+    size = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel, layer.dilations))
+    weight = np.zeros(layer.weight.shape[:2] + size)
+    weight[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in layer.dilations)] = layer.weight
+    return weight
+
+
+def _fused_geometry(layers: list[ConvLayer]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Strides, dilations (``gcd{d_i * P_i : k_i > 1}``) and ONNX pads of the fused layer."""
+    nd = layers[0].nd
+    prefixes = [_axis_prefixes(layers, a)[-1] for a in range(nd)]
     dilations = []
     for a in range(nd):
         steps, before = [], 1
@@ -448,22 +459,107 @@ def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
                 steps.append(layer.dilations[a] * before)
             before *= layer.strides[a]
         dilations.append(math.gcd(*steps) if steps else 1)
-    weight = weight[(slice(None), slice(None)) + tuple(slice(None, None, g) for g in dilations)]
-    prefixes = [_axis_prefixes(layers, a)[n] for a in range(nd)]
+    strides = tuple(p.stride for p in prefixes)
     pads = tuple(p.pad_begin for p in prefixes) + tuple(p.pad_end for p in prefixes)
-    return ConvLayer(weight, np.zeros(weight.shape[0]), tuple(int(s) for s in stride), tuple(dilations), pads, 1)
+    return strides, tuple(dilations), pads
 
 
-def _uniform_constant(layers: list[ConvLayer]) -> np.ndarray | None:
-    """The chain's response to a zero input when it is uniform per channel (no padding layer sees a non-zero
-    constant), propagated analytically as ``c <- sum_taps(W) @ c + b``; None otherwise."""
+@dataclass(frozen=True)
+class Layout:
+    """The geometry of a layer without its weights: what ``compose`` produces for a chain, found structurally by
+    ``fused_layout`` at the cost of a few boolean channel products (to weigh a fusion before computing it)."""
+
+    cout: int
+    cin: int
+    groups: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+
+    @property
+    def params(self) -> int:
+        """``weight.size + Cout``, as ``conv_params``."""
+        return self.cout * (self.cin // self.groups) * math.prod(self.kernel) + self.cout
+
+    def macs(self, out_spatial: tuple[int, ...]) -> int:
+        """Per sample, as ``conv_macs``."""
+        return self.cout * (self.cin // self.groups) * math.prod(self.kernel) * math.prod(out_spatial)
+
+
+def fused_layout(layers: list[ConvLayer]) -> Layout:
+    """The layout of the layer ``compose(layers, ...)`` would return (when it does not refuse), without computing it.
+    Groups come from the structural channel connectivity; ``compose`` regroups by value and can only find more
+    groups, when products cancel exactly."""
+    _check_chain(layers, None)
+    if len(layers) == 1:
+        layer = layers[0]
+        return Layout(layer.cout, layer.cin, layer.groups, layer.kernel, layer.strides, layer.dilations, layer.pads)
+    strides, dilations, pads = _fused_geometry(layers)
+    spans = [_axis_prefixes(layers, a)[-1].span for a in range(layers[0].nd)]
+    kernel = tuple(span // d + 1 for span, d in zip(spans, dilations))
+    conn = _connectivity(layers[0]).astype(np.float32)
+    for layer in layers[1:]:
+        conn = (_connectivity(layer).astype(np.float32) @ conn > 0).astype(np.float32)
+    cin, cout = layers[0].cin, layers[-1].cout
+    common = math.gcd(cin, cout)
+    groups = max(g for g in range(1, common + 1) if common % g == 0 and _block_diagonal(conn > 0, g))
+    return Layout(cout, cin, groups, kernel, strides, dilations, pads)
+
+
+def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
+    """The composed linear part (zero bias, regrouped, compressed dilation), ignoring the border condition.
+
+    The accumulated weight stays grouped. Composing an accumulated ``ga``-group weight with a ``gb``-group layer gives
+    ``h = gcd(ga, gb)`` groups; when ``ga | gb`` or ``gb | ga`` it is contracted blockwise without densifying either
+    side (``r = ga/gb`` accumulated groups feed each layer group, or each layer group reads one slice of an
+    accumulated group), otherwise the accumulated weight is first re-expressed with ``h`` groups. So depthwise chains,
+    BN folds and pointwise-depthwise pairs never build a dense ``C x C`` kernel."""
+    weight, groups = _expand_dilation(layers[0]), layers[0].groups  # [C1, C0/groups, *K], offsets 0..K-1
+    stride = np.array(layers[0].strides, dtype=np.int64)
+    for layer in layers[1:]:
+        gb = layer.groups
+        if gb % groups and groups % gb:
+            weight, groups = _coarsen(weight, groups, math.gcd(groups, gb)), math.gcd(groups, gb)
+        r = groups // gb if groups % gb == 0 else 1  # accumulated groups per layer group
+        c2, c1, c0 = layer.cout, layer.cin, weight.shape[1] * groups
+        acc = weight.reshape((gb, r, c1 // (gb * r), c0 // groups) + weight.shape[2:])
+        step = layer.weight.reshape((gb, c2 // gb, r, c1 // (gb * r)) + layer.kernel)
+        kernel, dilation = np.array(layer.kernel), np.array(layer.dilations)
+        size = np.array(weight.shape[2:]) + (kernel - 1) * dilation * stride
+        fused = np.zeros((gb, c2 // gb, r, c0 // groups) + tuple(int(v) for v in size))
+        for tap in np.ndindex(*layer.kernel):
+            begin = np.array(tap, dtype=np.int64) * dilation * stride
+            index = tuple(slice(int(b), int(b) + e) for b, e in zip(begin, weight.shape[2:]))
+            fused[(slice(None),) * 4 + index] += np.einsum(
+                "jorc,jrci...->jori...", step[(Ellipsis,) + tap], acc, optimize=True
+            )
+        weight, groups = fused.reshape((c2, r * (c0 // groups)) + fused.shape[4:]), min(groups, gb)
+        stride = stride * np.array(layer.strides, dtype=np.int64)
+    strides, dilations, pads = _fused_geometry(layers)
+    weight = weight[(slice(None), slice(None)) + tuple(slice(None, None, g) for g in dilations)]
+    linear = ConvLayer(weight, np.zeros(weight.shape[0]), strides, dilations, pads, groups)
+    return regroup(linear)
+
+
+def _apply_channels(layer: ConvLayer, vector: np.ndarray) -> np.ndarray:
+    """The layer's linear map on a spatially uniform input: ``sum_taps(W) @ vector`` (grouped)."""
+    g = layer.groups
+    summed = layer.weight.reshape(layer.cout, layer.weight.shape[1], -1).sum(axis=2)
+    summed = summed.reshape(g, layer.cout // g, -1)
+    return np.einsum("goc,gc->go", summed, vector.reshape(g, -1)).reshape(-1)
+
+
+def _uniform_prefix(layers: list[ConvLayer]) -> tuple[int, np.ndarray]:
+    """The chain's response to a zero input, propagated analytically as ``c <- sum_taps(W) @ c + b`` while it is
+    uniform per channel, i.e. until a padding layer sees a non-zero constant: ``(i, c)`` with ``c`` the (uniform)
+    input of layer ``i``; ``i == len(layers)`` when the whole response is uniform (``c`` is then the output)."""
     constant = np.zeros(layers[0].cin)
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if layer.has_padding and np.any(constant != 0):
-            return None
-        dense = to_dense(layer).weight
-        constant = dense.reshape(dense.shape[0], dense.shape[1], -1).sum(axis=2) @ constant + layer.bias
-    return constant
+            return i, constant
+        constant = _apply_channels(layer, constant) + layer.bias
+    return len(layers), constant
 
 
 def compose(layers: list[ConvLayer], in_spatial: tuple[int, ...] | None) -> Composed | str:
@@ -496,24 +592,23 @@ def compose(layers: list[ConvLayer], in_spatial: tuple[int, ...] | None) -> Comp
         return reason
     linear = _fuse_linear(layers)
     bias_map = None
-    bias = _uniform_constant(layers)
-    if bias is None:
+    first, bias = _uniform_prefix(layers)
+    if first < len(layers):
         if sizes is None:
             return (
-                "a layer pads an input that carries a non-zero constant (upstream bias), so the fused constant term "
-                "varies near the borders; give in_spatial to compute it as a bias map"
+                f"layer {first} pads an input that carries a non-zero constant (upstream bias), so the fused constant "
+                f"term varies near the borders; give in_spatial to compute it as a bias map"
             )
-        constant = np.zeros((1, layers[0].cin) + sizes[0])
-        for layer in layers:
+        constant = np.broadcast_to(bias.reshape((1, -1) + (1,) * nd), (1, bias.size) + sizes[first])
+        for layer in layers[first:]:
             constant = conv_forward(constant, layer)
-        constant = constant[0]
-        flat = constant.reshape(constant.shape[0], -1)
+        flat = constant[0].reshape(constant.shape[1], -1)
         if np.all(np.ptp(flat, axis=1) <= 1e-12 * max(1.0, float(np.abs(flat).max()))):
             bias = flat.mean(axis=1)
         else:
-            bias, bias_map = np.zeros(constant.shape[0]), constant
+            bias, bias_map = np.zeros(constant.shape[1]), constant[0]
             bias_map.flags.writeable = False
-    fused = regroup(ConvLayer(linear.weight, bias, linear.strides, linear.dilations, linear.pads, 1))
+    fused = ConvLayer(linear.weight, bias, linear.strides, linear.dilations, linear.pads, linear.groups)
     if sizes is not None and output_spatial(fused, sizes[0]) != sizes[-1]:
         raise AssertionError(f"fused output size {output_spatial(fused, sizes[0])} != chain's {sizes[-1]}")
     return Composed(fused, bias_map)

@@ -22,6 +22,7 @@ from onnx_easier.linear_math import (
     conv_forward,
     conv_macs,
     conv_params,
+    fused_layout,
     make_layer,
     output_spatial,
     regroup,
@@ -387,6 +388,18 @@ def test_depthwise_chain_stays_depthwise() -> None:
     assert result.layer.groups == 5 and result.layer.kernel == (5, 5) and result.layer.strides == (2, 2)
 
 
+@pytest.mark.parametrize(("g1", "g2", "g3"), [(2, 3, 1), (3, 2, 6), (6, 2, 3), (1, 6, 6), (6, 6, 1), (2, 6, 3)])
+def test_mixed_group_counts(g1: int, g2: int, g3: int) -> None:
+    rng = np.random.default_rng(g1 * 100 + g2 * 10 + g3)
+    layers = [
+        rand_layer(rng, 6, 6, (3,), groups=g1),
+        rand_layer(rng, 6, 6, (1,), (2,), groups=g2),
+        rand_layer(rng, 6, 6, (2,), groups=g3),
+    ]
+    result = check_chain(rng, layers, (11,), known=False)
+    assert result.layer.groups == math.gcd(g1, g2, g3) == fused_layout(layers).groups
+
+
 def test_three_d_chain() -> None:
     rng = np.random.default_rng(14)
     layers = [
@@ -504,6 +517,7 @@ def test_cost_examples() -> None:
     assert fused.weight.shape == (16, 16, 3, 3) and fused.groups == 1
     assert _chain_macs(expand, spatial) == (16 * 64 + 64 * 9 + 64 * 16) * 64 == 167_936
     assert conv_macs(fused, spatial) == 16 * 16 * 9 * 64 == 147_456
+    assert fused_layout(expand).macs(spatial) == 147_456 and fused_layout(expand).params == conv_params(fused)
     separable = [rand_layer(rng, 24, 24, (3, 3), pads=(1, 1, 1, 1), groups=24), rand_layer(rng, 24, 24, (1, 1))]
     fused = composed_ok(separable, spatial).layer
     assert fused.weight.shape == (24, 24, 3, 3) and fused.groups == 1
@@ -521,7 +535,7 @@ def chains(draw: st.DrawFn) -> tuple[list[ConvLayer], tuple[int, ...], bool, int
     depth = draw(st.integers(2, 3))
     seed = draw(st.integers(0, 2**31))
     rng = np.random.default_rng(seed)
-    channels = [draw(st.integers(1, 4)) for _ in range(depth + 1)]
+    channels = [draw(st.sampled_from([1, 2, 3, 4, 6])) for _ in range(depth + 1)]
     layers = []
     for i in range(depth):
         cin, cout = channels[i], channels[i + 1]
@@ -552,8 +566,24 @@ def test_compose_property(case: tuple[list[ConvLayer], tuple[int, ...], bool, in
     result = compose(layers, spatial if known else None)
     if isinstance(result, Composed):
         assert output_spatial(result.layer, spatial) == expected_size
+        layout = fused_layout(layers)
+        fused = result.layer
+        assert (layout.cout, layout.cin, layout.groups, layout.kernel) == (
+            fused.cout,
+            fused.cin,
+            fused.groups,
+            fused.kernel,
+        )
+        assert (layout.strides, layout.dilations, layout.pads) == (fused.strides, fused.dilations, fused.pads)
+        assert layout.params == conv_params(fused) and layout.macs(expected_size) == conv_macs(fused, expected_size)
         assert result.bias_map is None or result.bias_map.shape == (layers[-1].cout,) + expected_size
         np.testing.assert_allclose(fused_forward(x, result), conv_forward_chain(x, layers), rtol=RTOL, atol=ATOL)
+        if not known:
+            # the size-independent check is sufficient: the exact check at any size agrees
+            at_size = compose(layers, spatial)
+            assert isinstance(at_size, Composed) and at_size.bias_map is None
+            np.testing.assert_array_equal(at_size.layer.weight, result.layer.weight)
+            assert at_size.layer.pads == result.layer.pads and at_size.layer.dilations == result.layer.dilations
         return
     if known and "zero-pads" in result:
         # the refusal is necessary: the border-blind fused layer differs from the (bias-free) chain
