@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_easier.graph_utils import constant_value, is_graph_output, remove_node
+from onnx_easier.graph_utils import constant_value, consumers, is_graph_output, producer, remove_node
 from onnx_easier.passes.base import PassResult
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,9 @@ def run(graph: gs.Graph, ctx: object | None = None) -> PassResult:
         if reason:
             _refuse(result, f"{node.op} {node.name!r} kept: {reason}")
             continue
-        del node.outputs[1:]  # an unused Dropout mask
+        while len(node.outputs) > 1:  # an unused Dropout mask
+            node.outputs.pop()
         remove_node(graph, node)
-        if node.outputs:  # remove_node fell back to an Identity (graph input straight to a graph output)
-            _refuse(result, f"{node.op} {node.name!r} kept: it joins a graph input to a graph output")
-            continue
         removed += 1
     before_nodes = len(graph.nodes)
     before_consts = _constant_names(graph)
@@ -64,9 +62,14 @@ def check_passthrough(graph: gs.Graph, node: gs.Node, main: set[int]) -> str | N
     """Why ``node`` (Identity or Dropout) cannot be bypassed, or None when it can."""
     if not node.inputs or not node.outputs:
         return "it has no data input or output"
-    out = node.outputs[0]
+    src, out = node.inputs[0], node.outputs[0]
     if any(id(r) not in main for r in out.outputs):
         return f"its output {out.name!r} is read inside a subgraph"
+    if is_graph_output(graph, out):
+        prod = producer(src)
+        if prod is None or id(prod) not in main or len(consumers(src)) != 1 or is_graph_output(graph, src):
+            return (f"its output {out.name!r} is a graph output and its input {src.name!r} cannot be renamed "
+                    "(a graph input, a constant, or read elsewhere)")
     if node.op == "Dropout":
         if len(node.outputs) > 1 and node.outputs[1].name and (
             node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])

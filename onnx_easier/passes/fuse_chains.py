@@ -270,7 +270,7 @@ def _rewrite(graph: gs.Graph, names: Names, ctx: FusionContext, seg: _Segment, r
     detach(old)
     new = emit(graph, names, name, elements[0].layout, x, out, seg.composed, elements[0].dtype,
                flatten=any(e.kind == "reshape" for e in elements))
-    sources = ctx.record(name, x.name, out.name, replaced)
+    sources = ctx.record([n.name for n in new], x.name, out.name, replaced)
     layer = seg.composed.layer
     extra = " + bias map" if seg.composed.bias_map is not None else ""
     result.notes.append(

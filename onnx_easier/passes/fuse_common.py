@@ -62,24 +62,39 @@ class FusedLayer(NamedTuple):
 class FusionContext:
     """State shared by the passes of one ``fusion.fuse`` call: the traceability mapping
     ``fused node name -> FusedLayer``. A fused node that is fused again is replaced by the new one, whose sources
-    are the original nodes of both (never intermediate fused names)."""
+    are the original nodes of both (never intermediate fused names). ``helpers`` maps the extra nodes a fused layer
+    is emitted with (bias-map Add, MatMul bias Add, Flatten) to the fused node's name."""
 
     mapping: dict[str, FusedLayer] = field(default_factory=dict)
+    helpers: dict[str, str] = field(default_factory=dict)
 
     def expand(self, names: list[str]) -> list[str]:
-        """Original node names behind ``names`` (fused names are replaced by their sources)."""
+        """Original node names behind ``names``: fused names are replaced by their sources; a helper node stands
+        for its fused node's sources unless that node is among ``names`` too."""
+        given = set(names)
         out: list[str] = []
         for name in names:
-            out.extend(self.mapping[name].sources if name in self.mapping else [name])
+            if name in self.helpers:
+                main = self.helpers[name]
+                if main in given:
+                    continue
+                name = main
+            for src in self.mapping[name].sources if name in self.mapping else [name]:
+                if src not in out:
+                    out.append(src)
         return out
 
-    def record(self, node_name: str, input_name: str, output_name: str, replaced: list[str]) -> list[str]:
-        """Record a new fused node that replaces the nodes ``replaced`` (possibly fused ones); returns its
-        original sources."""
+    def record(self, new: list[str], input_name: str, output_name: str, replaced: list[str]) -> list[str]:
+        """Record the nodes ``new`` (the fused node first, then its helpers) that replace the nodes ``replaced``
+        (possibly fused ones themselves); returns the fused node's original sources."""
         sources = self.expand(replaced)
         for name in replaced:
-            self.mapping.pop(name, None)
-        self.mapping[node_name] = FusedLayer(input_name, output_name, sources)
+            if name in self.mapping and not any(self.helpers.get(h) == name for h in self.helpers
+                                                if h not in replaced):
+                del self.mapping[name]
+            self.helpers.pop(name, None)
+        self.mapping[new[0]] = FusedLayer(input_name, output_name, sources)
+        self.helpers.update({h: new[0] for h in new[1:]})
         return sources
 
 
