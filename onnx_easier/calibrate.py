@@ -5,7 +5,8 @@ Three steps, as in ONNX Runtime's quantization calibrator:
 1. ``augment``: expose every pre-activation ``x`` (and, for moments, every activation output ``y = act(x)``) as a
    graph output;
 2. collect: one ORT session with graph optimizations off (so tensor names survive), run batch by batch, fold each
-   batch into per-channel statistics and drop it, so memory does not grow with the number of samples;
+   batch into per-channel statistics and drop it, so memory does not grow with the number of samples (numpy folds
+   batch k on a worker thread while ORT runs batch k + 1, so two batches are alive at most);
 3. compute: ``ChannelStats`` turns the counts into the on-fraction ``p``, the EASIER entropy and, from the moments,
    the per-channel least-squares affine fit ``y ~ a * x + b``::
 
@@ -25,6 +26,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +41,7 @@ from onnx_easier.model_io import make_session
 
 log = logging.getLogger(__name__)
 
-EXPOSED_BYTES = 256 * 2**20  # cap on the exposed tensors of one batch, when their shapes are known
+EXPOSED_BYTES = 128 * 2**20  # cap on the exposed tensors of one batch (two are alive), when their shapes are known
 _BLOCK = 256  # positions per float32 partial dot product (longer SIMD runs drift: 1e-5 at 4096)
 _DEGENERATE = 1e-6  # var(x) <= _DEGENERATE * E[x^2] (std below 1e-3 rms, near float32 rounding): constant
 _ORT_RUN_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException)
@@ -173,16 +175,27 @@ def _as_float(a: np.ndarray) -> np.ndarray:
 def _channel_sums(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """Per channel sum of ``a`` (or ``a * b``) over axes 0 and 2 of ``[before, C, after]``, as float64.
 
-    Fast and accurate to about 1e-7 relative: each sample's partial sum runs in the tensor's own type, pairwise
-    for ``a`` and as SIMD dot products over blocks of at most _BLOCK positions for ``a * b``; the partials are
-    added in float64.
+    Fast and accurate to about 1e-7 relative: partial sums over the positions of one sample run in the tensor's own
+    type (pairwise for ``a``; for ``a * b`` SIMD dot products over blocks of at most _BLOCK positions, since longer
+    runs drift, or pairwise when no block size divides the positions) and are added in float64.
     """
     if b is None:
         return np.add.reduce(a, axis=2).sum(axis=0, dtype=np.float64)
-    out = np.zeros(a.shape[1], dtype=np.float64)
-    for i in range(0, max(a.shape[2], 1), _BLOCK):
-        out += np.einsum("ncp,ncp->nc", a[:, :, i : i + _BLOCK], b[:, :, i : i + _BLOCK]).sum(axis=0, dtype=np.float64)
-    return out
+    n, c, p = a.shape
+    block = _block(p)
+    if block is None:
+        return np.add.reduce(np.multiply(a, b), axis=2).sum(axis=0, dtype=np.float64)
+    q = p // block
+    part = np.einsum("ncqb,ncqb->ncq", a.reshape(n, c, q, block), b.reshape(n, c, q, block))
+    return part.sum(axis=(0, 2), dtype=np.float64)
+
+
+def _block(p: int) -> int | None:
+    """The block of positions for the dot products: all ``p`` when short, else the largest divisor of ``p`` in
+    [_BLOCK / 4, _BLOCK] (so blocks are reshaped views), else None."""
+    if p <= _BLOCK:
+        return p
+    return next((b for b in range(_BLOCK, _BLOCK // 4 - 1, -1) if p % b == 0), None)
 
 
 def _channels_in_middle(x: np.ndarray, axis: int) -> np.ndarray:
@@ -245,11 +258,11 @@ def calibrate(
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of every activation over ``data``, keyed by activation name.
 
-    One ORT session (optimizations off) on the augmented model runs batch by batch and fetches only the
-    exposed tensors. ``batch_size`` defaults to ``choose_batch_size`` further capped so one batch of exposed tensors
-    stays near 256 MB; a model whose batch axis is fixed to N runs in batches of exactly N and the remaining samples
-    are dropped with a warning. ``moments=True`` also fetches the activation outputs and collects the sums that
-    ``ChannelStats.affine_fit`` needs.
+    One ORT session (optimizations off) on the augmented model runs batch by batch and fetches only the exposed
+    tensors. ``batch_size`` defaults to ``choose_batch_size``, further capped so that one batch of exposed tensors
+    stays near 128 MB (two are alive at a time); a model whose batch axis is fixed to N runs in batches of exactly N
+    and the remaining samples are dropped with a warning. ``moments=True`` also fetches the activation outputs and
+    collects the sums that ``ChannelStats.affine_fit`` needs.
     """
     names = [a.name for a in activations]
     if len(set(names)) != len(names):
@@ -280,21 +293,32 @@ def calibrate(
         return {}
     sess = make_session(_augment(model, fetch, types), optimize=False)
     stats: dict[str, ChannelStats] = {}
-    start = time.perf_counter()
-    batches = data.batches(batch_size, 0, used, drop_last=fixed is not None)
-    for k, feed in _with_progress(enumerate(batches), used, batch_size, progress):
-        try:
-            values = dict(zip(fetch, sess.run(fetch, feed)))
-        except _ORT_RUN_ERRORS as exc:
-            stop = min((k + 1) * batch_size, used)
-            raise BadDataError(
-                f"ONNX Runtime failed on calibration samples {k * batch_size}-{stop - 1}: "
-                f"{_first_line(exc)}; check the data's shapes against the model"
-            ) from exc
+
+    def fold(values: dict[str, np.ndarray]) -> None:
         for act in activations:
             batch = _batch_stats(act, values, moments)
             stats[act.name] = batch if act.name not in stats else stats[act.name].merge(batch)
-        del values
+
+    start = time.perf_counter()
+    batches = data.batches(batch_size, 0, used, drop_last=fixed is not None)
+    # numpy folds batch k on one worker thread while ORT runs batch k + 1: at most two batches are alive
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate") as worker:
+        pending: Future | None = None
+        for k, feed in _with_progress(enumerate(batches), used, batch_size, progress):
+            try:
+                values = dict(zip(fetch, sess.run(fetch, feed)))
+            except _ORT_RUN_ERRORS as exc:
+                stop = min((k + 1) * batch_size, used)
+                raise BadDataError(
+                    f"ONNX Runtime failed on calibration samples {k * batch_size}-{stop - 1}: "
+                    f"{_first_line(exc)}; check the data's shapes against the model"
+                ) from exc
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(fold, values)
+            del values
+        if pending is not None:
+            pending.result()
     log.debug(
         "calibrated %d activation(s) on %d %s sample(s) in batches of %d (%.2f s)",
         len(activations),

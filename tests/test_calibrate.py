@@ -367,26 +367,36 @@ def test_scalar_input_fed_one_sample_at_a_time() -> None:
     assert s.count_on.tolist() == [1, 0, 2] and s.count == 2  # x * t = [1, -1, 2], [-1, -1, 3]
 
 
-def test_no_batch_outlives_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memory must not grow with the sample count: every fetched tensor is released before the next run."""
-    alive: list[weakref.ref] = []
-    runs = []
+def test_no_batch_outlives_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory must not grow with the sample count: when ORT runs batch k, the tensors fetched for batches before
+    k - 1 are released (batch k - 1 may still be folded on the worker thread)."""
+    fetched: list[list[weakref.ref]] = []
 
     class Watched:
         def __init__(self, sess):
             self.sess = sess
 
         def run(self, names, feed):
-            assert all(r() is None for r in alive), "a fetched tensor of an earlier batch is still referenced"
+            for old in fetched[:-1]:
+                assert all(r() is None for r in old), "a tensor fetched two batches ago is still referenced"
             outs = self.sess.run(names, feed)
-            alive.extend(weakref.ref(o) for o in outs)
-            runs.append(len(outs))
+            fetched.append([weakref.ref(o) for o in outs])
             return outs
 
     real = calibrate_module.make_session
     monkeypatch.setattr(calibrate_module, "make_session", lambda *a, **k: Watched(real(*a, **k)))
     calibrate(_net(), _acts(), _data(30), batch_size=4, moments=True)
-    assert runs == [4] * 8  # 8 batches, 4 fetched tensors each (conv, gemm, act1, y)
+    assert [len(f) for f in fetched] == [4] * 8  # 8 batches, 4 fetched tensors each (conv, gemm, act1, y)
+    assert all(r() is None for f in fetched for r in f)
+
+
+def test_worker_errors_surface() -> None:
+    """A failure while folding a batch on the worker thread reaches the caller as the same error."""
+    wrong_axis = [Activation("act1", "Relu", "op", "conv", "act1", ("act1",), 4, None)]
+    with pytest.raises(
+        OnnxEasierError, match="activation 'act1': channel axis 4 is out of range for a tensor of rank 4"
+    ):
+        calibrate(_net(), wrong_axis, _data(9), batch_size=2)
 
 
 def test_progress_bar_path(monkeypatch: pytest.MonkeyPatch) -> None:
