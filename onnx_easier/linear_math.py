@@ -16,9 +16,11 @@ so a chain composes, per axis, to stride ``S = prod s_i``, begin pad ``PB = sum 
 at offset ``u = sum t_i * d_i * P_i`` is the sum over all tap paths of the products of the (channel-mixed) taps:
 ``W[co, ci, u] = sum W_n[co, c_{n-1}, t_n] ... W_1[c_1, ci, t_1]``. The offsets span ``0 .. K-1`` with
 ``K = 1 + sum (k_i - 1) * d_i * P_i``; they are all multiples of ``g = gcd{d_i * P_i : k_i > 1}``, so the fused
-kernel is stored with dilation ``g`` and ``(K-1)/g + 1`` taps (``g = 1`` is the dense kernel). Channels are composed
-on the dense (``groups = 1``) forms and the result is regrouped: the largest group count whose block-diagonal
-structure the fused weight has (depthwise o depthwise stays depthwise, 1x1 o dw o 1x1 is dense).
+kernel is stored with dilation ``g`` and ``(K-1)/g + 1`` taps (``g = 1`` is the dense kernel). Channels compose as
+matrix products of the dense (``groups = 1``) forms, computed blockwise on the grouped forms (a depthwise or BN layer
+is never densified), and the result is regrouped: the largest group count whose block-diagonal structure the fused
+weight has (depthwise o depthwise stays depthwise, 1x1 o dw o 1x1 is dense). ``fused_layout`` gives the fused
+geometry and cost without computing the weight.
 With ``PE`` as above the fused layer has the chain's output size for *every* input size, thanks to
 ``floor((floor(a/s1) + c) / s2) = floor((a + c*s1) / (s1*s2))``.
 
@@ -439,14 +441,6 @@ def _border_reason_unknown(layers: list[ConvLayer]) -> str | None:
     return None
 
 
-def _expand_dilation(layer: ConvLayer) -> np.ndarray:
-    """The weight as a dilation-1 kernel of size ``d*(k-1) + 1`` (zeros between the taps)."""
-    size = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel, layer.dilations))
-    weight = np.zeros(layer.weight.shape[:2] + size)
-    weight[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in layer.dilations)] = layer.weight
-    return weight
-
-
 def _fused_geometry(layers: list[ConvLayer]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Strides, dilations (``gcd{d_i * P_i : k_i > 1}``) and ONNX pads of the fused layer."""
     nd = layers[0].nd
@@ -515,7 +509,7 @@ def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
     side (``r = ga/gb`` accumulated groups feed each layer group, or each layer group reads one slice of an
     accumulated group), otherwise the accumulated weight is first re-expressed with ``h`` groups. So depthwise chains,
     BN folds and pointwise-depthwise pairs never build a dense ``C x C`` kernel."""
-    weight, groups = _expand_dilation(layers[0]), layers[0].groups  # [C1, C0/groups, *K], offsets 0..K-1
+    weight, groups = _redilate(layers[0], (1,) * layers[0].nd), layers[0].groups  # [C1, C0/groups, *K], offsets 0..K-1
     stride = np.array(layers[0].strides, dtype=np.int64)
     for layer in layers[1:]:
         gb = layer.groups
@@ -619,9 +613,10 @@ def add_identity(layer: ConvLayer, in_spatial: tuple[int, ...] | None) -> ConvLa
 
     Needs Cin == Cout, all strides 1, an output the size of the input (``pb + pe == d*(k-1)`` per axis, which with
     stride 1 is the same check for every input size, so ``in_spatial`` is only validated), and a tap that reads the
-    input at the output's own position (``t*d == pb`` per axis); that tap gets ``+1`` on the diagonal channel
-    (``weight[c, c mod (Cin/groups), t] += 1``, so depthwise stays depthwise). The layer is a plain ConvLayer: a
-    ``bias_map`` from ``compose`` is not part of it and must be added separately by the caller.
+    input at the output's own position, ``t*d == pb`` per axis (when ``pb`` is not a multiple of ``d`` the kernel is
+    first put on the finer tap grid of dilation ``gcd(d, pb)``, zeros in between); that tap gets ``+1`` on the diagonal
+    channel (``weight[c, c mod (Cin/groups), t] += 1``, so depthwise stays depthwise). The layer is a plain ConvLayer:
+    a ``bias_map`` from ``compose`` is not part of it and must be added separately by the caller.
     """
     nd = layer.nd
     if layer.cin != layer.cout:
@@ -635,15 +630,24 @@ def add_identity(layer: ConvLayer, in_spatial: tuple[int, ...] | None) -> ConvLa
             return f"the layer has an empty output: {err}"
         if out != tuple(in_spatial):
             return f"the layer maps size {tuple(in_spatial)} to {out}, the residual needs the same size"
-    tap = []
+    dilations = []
     for a in range(nd):
         k, d, pb, pe = layer.kernel[a], layer.dilations[a], layer.pads[a], layer.pads[nd + a]
         if pb + pe != d * (k - 1):
             return f"the layer changes the size of axis {a} (pads {pb}+{pe} != dilation*(kernel-1) = {d * (k - 1)})"
-        if pb % d:
-            return f"no tap reads the centre position on axis {a} (pad begin {pb} is not a multiple of dilation {d})"
-        tap.append(pb // d)
-    weight = np.array(layer.weight)
+        dilations.append(math.gcd(d, pb) if pb else d)
+    weight = _redilate(layer, tuple(dilations))
+    tap = tuple(pb // d for pb, d in zip(layer.pads_begin, dilations))
     channels = np.arange(layer.cout)
-    weight[(channels, channels % weight.shape[1]) + tuple(tap)] += 1.0
-    return ConvLayer(weight, layer.bias, layer.strides, layer.dilations, layer.pads, layer.groups)
+    weight[(channels, channels % weight.shape[1]) + tap] += 1.0
+    return ConvLayer(weight, layer.bias, layer.strides, tuple(dilations), layer.pads, layer.groups)
+
+
+def _redilate(layer: ConvLayer, dilations: tuple[int, ...]) -> np.ndarray:
+    """A writable copy of the weight on a finer tap grid: dilation ``d'`` dividing ``d`` per axis, kernel
+    ``(k-1)*d/d' + 1``, zeros on the new in-between taps (same function, same output size)."""
+    factors = [d // new for d, new in zip(layer.dilations, dilations)]
+    size = tuple((k - 1) * f + 1 for k, f in zip(layer.kernel, factors))
+    weight = np.zeros(layer.weight.shape[:2] + size)
+    weight[(slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)] = layer.weight
+    return weight
