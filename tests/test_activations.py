@@ -186,6 +186,7 @@ def make_model(
     opset: int = 17,
     outputs: tuple[str, ...] = ("y",),
     name_nodes: bool = True,
+    extra_inputs: tuple[onnx.ValueInfoProto, ...] = (),
 ) -> onnx.ModelProto:
     """``x -> producer -> h -> (act nodes) -> ...``; ``outputs`` are graph outputs of unknown shape.
 
@@ -212,8 +213,8 @@ def make_model(
         for i, n in enumerate(nodes):
             n.name = f"n{i}_{n.op_type.lower()}"
     inits += act_inits
-    graph = helper.make_graph(nodes, "g", [graph_in], [helper.make_tensor_value_info(o, F32, None) for o in outputs],
-                              initializer=inits)
+    graph = helper.make_graph(nodes, "g", [graph_in, *extra_inputs],
+                              [helper.make_tensor_value_info(o, F32, None) for o in outputs], initializer=inits)
     return _checked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), opset)
 
 

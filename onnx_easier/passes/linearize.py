@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_easier.activations import Activation
-from onnx_easier.graph_utils import is_graph_output, remove_node, unique_name
+from onnx_easier.graph_utils import consumers, is_graph_output, producer, remove_node, unique_name
 from onnx_easier.passes.base import PassResult
 
 _LOG = logging.getLogger(__name__)
@@ -202,9 +202,9 @@ def _emit_identity(graph: gs.Graph, act: Activation, x: gs.Tensor, y: gs.Tensor,
     if any(id(r) in in_subgraphs for r in y.outputs):  # a subgraph reads y by name: keep the Identity
         return 1
     y_is_output = is_graph_output(graph, y)
+    if y_is_output and (producer(x) is None or len(consumers(x)) != 1 or is_graph_output(graph, x)):
+        return 1  # a graph input (or another output, or a shared tensor) straight to a graph output: keep it
     remove_node(graph, node)
-    if node.outputs:  # kept as Identity: a graph input (or output) straight to a graph output
-        return 1
     if y_is_output:
         aliases[x.name] = y.name  # x's producer now writes y
     else:
