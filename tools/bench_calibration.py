@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -83,8 +84,10 @@ def throughput(args: argparse.Namespace) -> None:
     model, acts = _model_and_acts(args.model)
     data = _data(model, args.samples, args.input_shape)
     batch = args.batch or choose_batch_size(input_specs(model), data)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"model: {args.model or 'generated conv net'}, {len(acts)} activations, {data.samples} samples, batch {batch}"
+        f" ({os.cpu_count()} CPUs, load average {load}: other work on the machine skews the times)"
     )
 
     def plain() -> None:
@@ -145,7 +148,7 @@ def memory(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="an .onnx model (default: a generated conv net)")
-    p.add_argument("--samples", type=int, default=512, help="random samples for (a), and the 1x count of (b)")
+    p.add_argument("--samples", type=int, default=1024, help="random samples for (a), and the 1x count of (b)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: chosen as calibrate would)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (median reported)")
     p.add_argument("--memory-scale", type=int, default=10, help="(b) compares 1x and this many times the samples")
