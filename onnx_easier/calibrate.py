@@ -280,7 +280,14 @@ def calibrate(
         raise BadArgumentError(f"batch size {batch_size}: give a positive batch size")
     elif fixed is not None and batch_size != fixed:
         raise BadArgumentError(f"batch size {batch_size}: the model fixes its batch axis to {fixed}; use {fixed}")
+    elif data.scalars and batch_size != 1:
+        raise BadArgumentError(f"batch size {batch_size}: the model has scalar inputs, fed one sample at a time; use 1")
     used = data.samples
+    if fixed is not None and data.samples < fixed:
+        raise BadDataError(
+            f"{data.source}: {data.samples} sample(s), but the model fixes its batch axis to {fixed}; "
+            f"give at least {fixed} samples"
+        )
     if fixed is not None and data.samples % fixed:
         used = data.samples - data.samples % fixed
         log.warning(

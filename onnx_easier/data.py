@@ -426,8 +426,9 @@ def _check(
             raise BadDataError(f"{source}: input {s.name!r} is an array of {arr.dtype}; give numbers")
         shape = shapes[s.name]
         _check_shape(arr, s, shape, source)
-        if limit is not None:
-            arr = arr[:limit]
+        if limit is not None and limit < arr.shape[0]:
+            # a copy lets the rest of an in-memory array go; a memory-mapped one reads only what is used
+            arr = arr[:limit] if isinstance(arr, np.memmap) else arr[:limit].copy()
         if shape is not None:
             for axis, (want, got) in enumerate(zip(shape, arr.shape)):
                 if axis == 0:

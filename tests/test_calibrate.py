@@ -331,6 +331,8 @@ def test_fixed_batch_drops_remainder(caplog: pytest.LogCaptureFixture) -> None:
     np.testing.assert_array_equal(stats["act1"].count_on, ref["act1"].count_on)
     with pytest.raises(BadArgumentError, match="fixes its batch axis to 4; use 4"):
         calibrate(model, _acts(), _data(10), batch_size=3)
+    with pytest.raises(BadDataError, match="mem: 3 sample.* fixes its batch axis to 4; give at least 4 samples"):
+        calibrate(model, _acts(), _data(3))
 
 
 def test_calibrate_errors() -> None:
@@ -363,8 +365,11 @@ def test_scalar_input_fed_one_sample_at_a_time() -> None:
     x = np.array([[1, -1, 2], [1, 1, -3]], np.float32)
     t = np.array([1.0, -1.0], np.float32)
     act = Activation("r", "Relu", "op", "m", "y", ("r",), -1, 3)
-    s = calibrate(model, [act], CalibrationData("mem", 2, {"x": x, "t": t}, scalars=frozenset({"t"})))["r"]
+    data = CalibrationData("mem", 2, {"x": x, "t": t}, scalars=frozenset({"t"}))
+    s = calibrate(model, [act], data)["r"]
     assert s.count_on.tolist() == [1, 0, 2] and s.count == 2  # x * t = [1, -1, 2], [-1, -1, 3]
+    with pytest.raises(BadArgumentError, match="scalar inputs, fed one sample at a time; use 1"):
+        calibrate(model, [act], data, batch_size=2)
 
 
 def test_no_batch_outlives_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
