@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_easier.activations import Activation
-from onnx_easier.graph_utils import consumers, is_graph_output, producer, remove_node, unique_name
+from onnx_easier.graph_utils import consumers, is_graph_output, producer, remove_node
 from onnx_easier.passes.base import PassResult
 
 _LOG = logging.getLogger(__name__)
@@ -57,11 +57,13 @@ def linearize(
     result = PassResult("linearize")
     aliases: dict[str, str] = {}  # tensor names that vanished while bypassing -> the tensor that took their place
     in_subgraphs = _subgraph_node_ids(graph)
+    by_name = {n.name: n for n in graph.nodes}  # replaced pattern nodes stay here with no outputs: "gone"
+    names = _Namer(graph)
     removed_nodes = added_nodes = 0
     for act in acts:
         a, b = coeffs[act.name]
         use_mul, use_add = not np.all(a == 1.0), not np.all(b == 0.0)
-        x, y, pattern, reason = _locate(graph, act, aliases)
+        x, y, pattern, reason = _locate(by_name, act, aliases)
         shape = None
         if reason is None and (use_mul or use_add):
             shape = _broadcast_shape(act, x, y, a.size)
@@ -76,9 +78,10 @@ def linearize(
             node.outputs.clear()
         removed_nodes += len(pattern)
         if shape is not None:
-            added_nodes += _emit_affine(graph, act, x, y, shape, a if use_mul else None, b if use_add else None)
+            added_nodes += _emit_affine(graph, names, act, x, y, shape, a if use_mul else None,
+                                        b if use_add else None)
         else:
-            added_nodes += _emit_identity(graph, act, x, y, in_subgraphs, aliases)
+            added_nodes += _emit_identity(graph, names, act, x, y, in_subgraphs, aliases)
         result.changed += 1
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
@@ -125,27 +128,38 @@ def _resolve(name: str, aliases: dict[str, str]) -> str:
 
 
 def _locate(
-    graph: gs.Graph, act: Activation, aliases: dict[str, str]
+    by_name: dict[str, gs.Node], act: Activation, aliases: dict[str, str]
 ) -> tuple[gs.Tensor | None, gs.Tensor | None, list[gs.Node], str | None]:
-    """(x, y, pattern nodes, None) for ``act`` in ``graph`` now, or (.., reason) when it is no longer there."""
-    nodes = {n.name: n for n in graph.nodes if n.outputs}
-    missing = [name for name in act.nodes if name not in nodes]
+    """(x, y, pattern nodes, None) for ``act`` in the graph now, or (.., reason) when it is no longer there."""
+    missing = [name for name in act.nodes if name not in by_name or not by_name[name].outputs]
     if missing:
         return None, None, [], f"its node {missing[0]!r} is not in the graph (already replaced?)"
-    pattern = [nodes[name] for name in act.nodes]
-    if act.name not in nodes or nodes[act.name] not in pattern:
+    if act.name not in act.nodes:
         return None, None, [], f"its output node {act.name!r} is not one of its pattern nodes"
-    tensors = graph.tensors()
-    x = tensors.get(_resolve(act.input, aliases))
-    y_name = _resolve(act.output, aliases)
-    y = next((t for t in nodes[act.name].outputs if t.name == y_name), None)
+    pattern = [by_name[name] for name in act.nodes]
+    x_name, y_name = _resolve(act.input, aliases), _resolve(act.output, aliases)
+    x = next((t for n in pattern for t in n.inputs if t.name == x_name), None)
+    y = next((t for t in by_name[act.name].outputs if t.name == y_name), None)
     if x is None:
-        return None, None, [], f"its input {act.input!r} is not in the graph"
+        return None, None, [], f"no node of it reads its input {act.input!r}"
     if y is None:
         return None, None, [], f"its output {act.output!r} is not written by {act.name!r}"
-    if not any(t is x for n in pattern for t in n.inputs):
-        return None, None, [], f"no node of it reads its input {x.name!r}"
     return x, y, pattern, None
+
+
+class _Namer:
+    """Fresh node/tensor names for ``graph`` (``graph_utils.unique_name`` without a scan of the graph per call)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.used = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
 
 
 def _broadcast_shape(act: Activation, x: gs.Tensor, y: gs.Tensor, size: int) -> tuple[int, ...] | None:
@@ -171,33 +185,33 @@ def _float_dtype(x: gs.Tensor, y: gs.Tensor) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def _emit_affine(graph: gs.Graph, act: Activation, x: gs.Tensor, y: gs.Tensor, shape: tuple[int, ...],
-                 a: np.ndarray | None, b: np.ndarray | None) -> int:
+def _emit_affine(graph: gs.Graph, names: _Namer, act: Activation, x: gs.Tensor, y: gs.Tensor,
+                 shape: tuple[int, ...], a: np.ndarray | None, b: np.ndarray | None) -> int:
     """Write ``y = x * A + B`` (either part may be absent; A, B of ``shape``) with nodes appended to ``graph``;
     return how many."""
     dtype = _float_dtype(x, y)
     added = 0
     current = x
     if a is not None:
-        scale = gs.Constant(unique_name(graph, f"{act.name}_linear_scale"), a.astype(dtype).reshape(shape))
-        target = y if b is None else gs.Variable(unique_name(graph, f"{act.name}_linear_scaled"), dtype=dtype,
+        scale = gs.Constant(names.fresh(f"{act.name}_linear_scale"), a.astype(dtype).reshape(shape))
+        target = y if b is None else gs.Variable(names.fresh(f"{act.name}_linear_scaled"), dtype=dtype,
                                                  shape=x.shape)
-        graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{act.name}_linear_mul"), inputs=[current, scale],
+        graph.nodes.append(gs.Node("Mul", names.fresh(f"{act.name}_linear_mul"), inputs=[current, scale],
                                    outputs=[target]))
         current = target
         added += 1
     if b is not None:
-        offset = gs.Constant(unique_name(graph, f"{act.name}_linear_offset"), b.astype(dtype).reshape(shape))
-        graph.nodes.append(gs.Node("Add", unique_name(graph, f"{act.name}_linear_add"), inputs=[current, offset],
+        offset = gs.Constant(names.fresh(f"{act.name}_linear_offset"), b.astype(dtype).reshape(shape))
+        graph.nodes.append(gs.Node("Add", names.fresh(f"{act.name}_linear_add"), inputs=[current, offset],
                                    outputs=[y]))
         added += 1
     return added
 
 
-def _emit_identity(graph: gs.Graph, act: Activation, x: gs.Tensor, y: gs.Tensor, in_subgraphs: set[int],
-                   aliases: dict[str, str]) -> int:
+def _emit_identity(graph: gs.Graph, names: _Namer, act: Activation, x: gs.Tensor, y: gs.Tensor,
+                   in_subgraphs: set[int], aliases: dict[str, str]) -> int:
     """``y = x``: an Identity, bypassed unless y is read inside a subgraph; return the number of nodes added."""
-    node = gs.Node("Identity", unique_name(graph, f"{act.name}_linear_identity"), inputs=[x], outputs=[y])
+    node = gs.Node("Identity", names.fresh(f"{act.name}_linear_identity"), inputs=[x], outputs=[y])
     graph.nodes.append(node)
     if any(id(r) in in_subgraphs for r in y.outputs):  # a subgraph reads y by name: keep the Identity
         return 1
