@@ -46,7 +46,7 @@ def run(graph: gs.Graph, ctx: object | None = None) -> PassResult:
     before_nodes = len(graph.nodes)
     before_consts = _constant_names(graph)
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
-    dead = before_nodes - len(graph.nodes)
+    dead = before_nodes - len(graph.nodes) - removed  # bypassed nodes are dropped here too
     unused = len(before_consts - _constant_names(graph))
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     result.changed = removed + dead + unused
@@ -91,6 +91,7 @@ def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
     """
     result = PassResult("merge_constants")
     in_subgraphs = _names_read_in_subgraphs(graph)
+    names_before = _constant_names(graph)
     first: dict[tuple, gs.Constant] = {}
     merged = 0
     for node in graph.nodes:
@@ -103,7 +104,6 @@ def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
             if keep is not t:
                 node.inputs[i] = keep
                 merged += 1
-    names_before = _constant_names(graph)
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
     dropped = len(names_before - _constant_names(graph))
     result.changed = dropped

@@ -37,7 +37,7 @@ from fractions import Fraction
 import onnx_graphsurgeon as gs
 
 from onnx_easier.graph_utils import consumers, is_graph_output
-from onnx_easier.linear_math import Composed, compose, conv_params
+from onnx_easier.linear_math import Composed, compose, conv_params, fused_layout
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.fuse_common import (
     Element,
@@ -188,7 +188,14 @@ def _check(items: list[Sized]) -> _Segment | str:
     layout = elements[0].layout
     layers = [lift(e.layer, layout.nd) for e in elements if e.kind != "reshape"]
     spatial = items[0].spatial if layout.nd else ()
+    parts = sum((it.macs for it in items), Fraction(0))
     try:
+        geometry = fused_layout(layers)  # weigh the fusion before computing it (structural groups)
+        dense = layout.nd >= 1 or not (geometry.groups == geometry.cin == geometry.cout
+                                       and all(k == 1 for k in geometry.kernel))
+        if dense and geometry.macs(()) * items[-1].positions > parts:
+            return (f"{label}: fusing costs more ({_fmt(geometry.macs(()) * items[-1].positions)} MACs > "
+                    f"{_fmt(parts)})")
         composed = compose(layers, spatial)
     except (ValueError, AssertionError) as err:
         return f"{label}: {err}"
@@ -196,7 +203,6 @@ def _check(items: list[Sized]) -> _Segment | str:
         return f"{label}: {composed}"
     flatten = any(e.kind == "reshape" for e in elements)
     emission = plan(layout, composed, items[-1].positions, flatten)
-    parts = sum((it.macs for it in items), Fraction(0))
     if emission.macs > parts:
         return f"{label}: fusing costs more ({_fmt(emission.macs)} MACs > {_fmt(parts)})"
     params = sum(conv_params(e.layer) for e in elements if e.layer is not None)
