@@ -101,10 +101,12 @@ class ChannelStats:
     def has_moments(self) -> bool:
         return self.sum_x is not None
 
+    @property
     def p(self) -> np.ndarray:
         """On-fraction per channel, ``count_on / count``."""
         return channel_on_fraction(self.count_on, self.count)
 
+    @property
     def entropy(self) -> float:
         """The EASIER entropy of this activation: mean over channels of the binary entropy of ``p``, in bits."""
         return layer_entropy(self.count_on, self.count)

@@ -107,11 +107,11 @@ def test_counts_match_numpy_reference() -> None:
         s = stats[act.name]
         assert s.count == xs.shape[1]
         np.testing.assert_array_equal(s.count_on, (xs >= 0).sum(axis=1))
-        np.testing.assert_allclose(s.p(), p_ref, rtol=0, atol=1e-6)
-        assert s.entropy() == pytest.approx(layer_entropy((xs >= 0).sum(axis=1), xs.shape[1]), abs=1e-12)
+        np.testing.assert_allclose(s.p, p_ref, rtol=0, atol=1e-6)
+        assert s.entropy == pytest.approx(layer_entropy((xs >= 0).sum(axis=1), xs.shape[1]), abs=1e-12)
     assert stats["act1"].count == 40 * HW * HW and stats["act1"].axis == 1
     assert stats["act2"].count == 40 and stats["act2"].axis == 1  # -1 normalised for the rank-2 Gemm output
-    assert 0 < stats["act1"].entropy() <= 1
+    assert 0 < stats["act1"].entropy <= 1
 
 
 def test_results_do_not_depend_on_batch_size() -> None:
@@ -196,7 +196,7 @@ def test_saturated_relu_channels_fit_identity_and_zero() -> None:
     """Conv biases +-50 with small weights: channel 0 is always ON (y = x), channel 1 always OFF (y = 0)."""
     model = _net(conv_bias=np.array([50.0, -50.0, 0.0, 0.0]))
     stats = calibrate(model, _acts()[:1], _data(16), moments=True)["act1"]
-    np.testing.assert_array_equal(stats.p()[:2], [1.0, 0.0])
+    np.testing.assert_array_equal(stats.p[:2], [1.0, 0.0])
     a, b = stats.affine_fit()
     assert a[0] == pytest.approx(1.0, abs=1e-9) and b[0] == pytest.approx(0.0, abs=1e-6)
     assert a[1] == 0.0 and b[1] == 0.0
