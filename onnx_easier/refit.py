@@ -158,6 +158,20 @@ class NormalEquations:
         return self._a.shape[1]
 
     @property
+    def gram(self) -> np.ndarray:
+        """``A`` ``[groups, f, f]``: the accumulated ``sum P_g^T P_g`` (a read-only view)."""
+        view = self._a.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def cross(self) -> np.ndarray:
+        """``B`` ``[groups, f, Cout/groups]``: the accumulated ``sum P_g^T Y_g`` (a read-only view)."""
+        view = self._b.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes held by the accumulated state (``A``, ``B``, ``yy``); constant in the number of samples."""
         return self._a.nbytes + self._b.nbytes + self._yy.nbytes
