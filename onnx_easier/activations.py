@@ -13,7 +13,7 @@ The kinds and their math (``x`` is the pre-activation tensor):
     SiLU          x * sigmoid(beta * x)                    beta=1 is SiLU, other beta the Swish family
 
 Spellings. Single ops ("op") are matched by op type. Decomposed forms are matched algebraically, never by node
-names: starting at a final Mul/Div node, the chain of elementwise Add/Sub/Mul/Div-by-constant/Pow/Neg nodes is
+names: starting at a final Mul/Div/Add/Sub node, the chain of elementwise Add/Sub/Mul/Div-by-constant/Pow/Neg nodes is
 expanded into a polynomial whose variables ("leaves") are the tensors where the expansion stops. Expansion goes
 through a tensor only when the tensor has a single reader, so the pre-activation ``x`` (read at least twice by every
 decomposition) is always a leaf. The polynomial is then matched, with a relative tolerance of 1e-3 on constants:
@@ -26,8 +26,8 @@ decomposition) is always a leaf. The polynomial is then matched, with a relative
     "tanh"              a x + b x e,  e = Tanh(k x + m x^3)                      a = b = 1/2, k = sqrt(2/pi),
                                                                                  m = 0.044715 k
 
-so every order of the factors (x*0.5*(1+erf), 0.5*x*(...), Div by 1.4142 or Mul by 0.7071, /6 before or after the
-Mul, x*x*x or Pow(x, 3)) is one case. A decomposition whose intermediate tensors are read outside the pattern or
+so every order of the factors (x*0.5*(1+erf), 0.5*x*(...), 0.5*x + 0.5*x*erf, Div by 1.4142 or Mul by 0.7071, /6
+before or after the Mul, x*x*x or Pow(x, 3)) is one case. A decomposition whose intermediate tensors are read outside the pattern or
 are graph outputs is refused (it could not be removed); its pieces may still be activations on their own (the Clip
 of a refused HardSwish is then a Clip on x + 3).
 """
@@ -326,8 +326,8 @@ class _Match:
 
 
 def _match_decomposed(graph: gs.Graph, root: gs.Node) -> _Match | None:
-    """Pattern: expand the root Mul/Div into a polynomial and read off which gated product it is."""
-    if root.op not in ("Mul", "Div") or not _is_default_domain(root) or len(root.outputs) != 1:
+    """Pattern: expand the root Mul/Div/Add/Sub into a polynomial and read off which gated product it is."""
+    if root.op not in ("Mul", "Div", "Add", "Sub") or not _is_default_domain(root) or len(root.outputs) != 1:
         return None
     outer = _Expansion(graph)
     poly = outer.expand(root.outputs[0], start=True)

@@ -128,6 +128,14 @@ def _gelu_tanh_pow(h, y):
              const("half", 0.5)])
 
 
+def _gelu_erf_expanded(h, y):
+    """0.5 * x + (x * 0.5) * erf(x / sqrt2): the product distributed over the sum (an Add as the last node)"""
+    return ([node("Mul", [h, "half"], ["ge_hx"]), node("Div", [h, "sqrt2"], ["ge_d"]), node("Erf", ["ge_d"], ["ge_e"]),
+             node("Mul", ["half", h], ["ge_hx2"]), node("Mul", ["ge_hx2", "ge_e"], ["ge_m"]),
+             node("Add", ["ge_hx", "ge_m"], [y])],
+            [const("sqrt2", math.sqrt(2)), const("half", 0.5)])
+
+
 SPELLINGS: dict[str, Spelling] = {
     "relu": Spelling(lambda h, y: ([node("Relu", [h], [y])], []), "Relu", "op"),
     "clip_relu6": Spelling(lambda h, y: ([node("Clip", [h, "lo", "hi"], [y])], [const("lo", 0.0), const("hi", 6.0)]),
@@ -160,6 +168,7 @@ SPELLINGS: dict[str, Spelling] = {
     "gelu_erf_legacy": Spelling(_gelu_erf_legacy, "Gelu", "erf", {"approximate": "none"}),
     "gelu_erf_dynamo": Spelling(_gelu_erf_dynamo, "Gelu", "erf", {"approximate": "none"}),
     "gelu_erf_mul": Spelling(_gelu_erf_mul, "Gelu", "erf", {"approximate": "none"}),
+    "gelu_erf_expanded": Spelling(_gelu_erf_expanded, "Gelu", "erf", {"approximate": "none"}),
     "gelu_tanh_legacy": Spelling(_gelu_tanh_legacy, "Gelu", "tanh", {"approximate": "tanh"}),
     "gelu_tanh_pow": Spelling(_gelu_tanh_pow, "Gelu", "tanh", {"approximate": "tanh"}),
     "silu": Spelling(lambda h, y: ([node("Sigmoid", [h], ["s"]), node("Mul", [h, "s"], [y])], []), "SiLU",
