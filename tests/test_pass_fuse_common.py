@@ -15,8 +15,8 @@ from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.fuse_common import Element, FusionContext, recognise
 
 RTOL, ATOL = 1e-4, 1e-5
-_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-               np.dtype(np.float64): TensorProto.DOUBLE}
+_NP_TO_ONNX = {np.dtype(helper.tensor_dtype_to_np_dtype(t)): t for t in (
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)}
 
 
 class Net:

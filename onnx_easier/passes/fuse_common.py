@@ -34,14 +34,24 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
 
 from onnx_easier.graph_utils import attr, constant_value, consumers, is_constant
-from onnx_easier.linear_math import Composed, ConvLayer, affine_layer, bn_affine, make_layer, output_spatial
+from onnx_easier.linear_math import (
+    Composed,
+    ConvLayer,
+    affine_layer,
+    bn_affine,
+    make_layer,
+    output_spatial,
+    to_dense,
+)
 from onnx_easier.passes.base import PassResult
 
 log = logging.getLogger(__name__)
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = tuple(np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
+    TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE))
 _ONNX_DOMAINS = ("", "ai.onnx", None)
 
 
@@ -233,14 +243,22 @@ def data_rank(t: gs.Tensor) -> int | None:
     return len(shape) if shape is not None else None
 
 
+def np_dtype(dt: object) -> np.dtype | None:
+    """numpy dtype of a gs tensor dtype (gs keeps types numpy lacks, such as bfloat16, as ONNX enums)."""
+    if dt is None:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(dt)) if isinstance(dt, int) else np.dtype(dt)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def _float_dtype(*tensors: gs.Tensor) -> np.dtype | None:
+    """The float dtype of the first tensor whose dtype is known (None when it is not a float type)."""
     for t in tensors:
         dt = getattr(t, "dtype", None)
         if dt is not None:
-            try:
-                dt = np.dtype(dt)
-            except TypeError:
-                return None
+            dt = np_dtype(dt)
             return dt if dt in FLOAT_DTYPES else None
     return None
 
@@ -624,7 +642,7 @@ def plan(layout: Layout, composed: Composed, positions: Fraction, flatten: bool)
         scale = layer.weight.reshape(-1)
         parts = int(np.any(scale != 1)) + int(np.any(layer.bias != 0))
         return Emission(c * positions * parts, max(parts, 1))
-    macs = layer.weight.size * positions
+    macs = layer.cout * layer.cin * positions  # Gemm / MatMul weights are dense
     if layout.last and np.any(layer.bias != 0):
         return Emission(macs + c * positions, 2)
     return Emission(macs, 1)
@@ -647,7 +665,7 @@ def emit(graph: gs.Graph, names: Names, name: str, layout: Layout, x: gs.Tensor,
         return gs.Constant(names.take(f"{name}.{suffix}"), np.ascontiguousarray(value.astype(dtype)))
 
     def tmp(suffix: str, shape: list | None) -> gs.Variable:
-        return gs.Variable(names.take(f"{name}.{suffix}"), dtype=dtype, shape=shape)
+        return gs.Variable(names.take(f"{name}.{suffix}"), dtype=out.dtype, shape=shape)
 
     def node(op: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], attrs: dict | None = None,
              suffix: str = "") -> None:
@@ -684,11 +702,13 @@ def emit(graph: gs.Graph, names: Names, name: str, layout: Layout, x: gs.Tensor,
             node(op, [y, const("scale" if op == "Mul" else "shift", value)], [z])
             y = z
     elif not layout.last:
+        layer = to_dense(layer)
         inputs = [x, const("weight", layer.weight)]
         if np.any(layer.bias != 0):
             inputs.append(const("bias", layer.bias))
         node("Gemm", inputs, [out], {"transB": 1})
     else:
+        layer = to_dense(layer)
         has_bias = bool(np.any(layer.bias != 0))
         y = tmp("matmul_out", out.shape) if has_bias else out
         node("MatMul", [x, const("weight", layer.weight.T)], [y])

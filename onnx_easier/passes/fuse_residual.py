@@ -54,6 +54,7 @@ from onnx_easier.passes.fuse_common import (
     emit,
     fused_name,
     merge_pad,
+    np_dtype,
     plan,
     recognise,
     refuse,
@@ -163,8 +164,7 @@ def _match(graph: gs.Graph, add: gs.Node) -> _Match | None:
     a, b = add.inputs
     if a is b or is_constant(a) or is_constant(b):
         return None
-    dtype = getattr(a, "dtype", None)
-    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
+    if np_dtype(getattr(a, "dtype", None)) not in FLOAT_DTYPES:
         return None
     wa, wb = _walk(graph, a, add), _walk(graph, b, add)
     if wb.elements and wb.source is a:
