@@ -175,6 +175,17 @@ def _rank(t: gs.Tensor) -> int | None:
     return None if shape is None else len(shape)
 
 
+def _maybe_float(t: gs.Tensor) -> bool:
+    """False only when ``t``'s element type is known and is not a floating type (Clip or Relu on indices)."""
+    dtype = getattr(t, "dtype", None)
+    if dtype is None:
+        return True
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:  # ONNX-only types numpy cannot hold: bfloat16 and float8 are floats, the rest are not used here
+        return "float" in str(dtype).lower()
+
+
 def _present(t: gs.Tensor | None) -> bool:
     """True for an optional input that is actually given (not absent, not the empty name)."""
     return t is not None and bool(t.name)
@@ -420,6 +431,8 @@ def _check(graph: gs.Graph, m: _Match) -> str | None:
     """Why the match cannot be one removable activation, or None when it can."""
     if _const_array(m.x) is not None:
         return "its input is a constant"
+    if not _maybe_float(m.x):
+        return f"its input has the non-float type {m.x.dtype}"
     if producer(m.x) is not None and producer(m.x).name in m.nodes:
         return "its input is computed inside the pattern"
     rank = _rank(m.x)
@@ -631,7 +644,7 @@ def find_activations(graph: gs.Graph) -> list[Activation]:
         if node.name in claimed:
             continue
         single = _match_single(node)
-        if single is None or _const_array(node.inputs[0]) is not None:
+        if single is None or _const_array(node.inputs[0]) is not None or not _maybe_float(node.inputs[0]):
             continue
         kind, params = single
         chosen.append(_Match(kind, "op", node.inputs[0], node, {node.name: node}, params))

@@ -391,6 +391,19 @@ def test_runtime_bounds_and_slopes_are_not_recognised() -> None:
     assert activations_of(model) == []
 
 
+def test_integer_clip_and_relu_are_not_activations() -> None:
+    """Clip on indices (int64) is not an activation to linearize; Relu on int32 neither."""
+    i64, i32 = TensorProto.INT64, TensorProto.INT32
+    nodes = [node("Clip", ["idx", "lo", "hi"], ["clipped"]), node("Relu", ["n"], ["r"])]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "lo"), numpy_helper.from_array(np.array(9, np.int64), "hi")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("idx", i64, [3]),
+                                           helper.make_tensor_value_info("n", i32, [3])],
+                              [helper.make_tensor_value_info("clipped", i64, [3]),
+                               helper.make_tensor_value_info("r", i32, [3])], initializer=inits)
+    model = _checked(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 17)
+    assert activations_of(model) == []
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Channel axis and channel count
 # ----------------------------------------------------------------------------------------------------------------------
