@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_easier import __version__
-from onnx_easier.activations import Activation, ensure_node_names, find_activations
+from onnx_easier.activations import Activation, ensure_node_names, find_activations, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, input_specs, load_data
@@ -111,7 +111,7 @@ def analyze(
     graph = to_graph(proto)
     ensure_node_names(graph)
     named = to_model(graph, proto)
-    acts = find_activations(to_graph(named))
+    acts = find_activations(to_graph(infer_shapes(named)))
     calib = load_data(None if data is None else str(data), input_specs(named), samples=samples, seed=seed,
                       input_shapes=input_shapes)
     t0 = time.perf_counter()

@@ -75,7 +75,8 @@ def remove_node(graph: gs.Graph, node: gs.Node, keep_output_name: bool = True) -
         else:
             node.op = "Identity"
             node.attrs = {}
-            del node.inputs[1:]
+            while len(node.inputs) > 1:
+                node.inputs.pop()
         return
     for reader in list(dst.outputs):
         for i, t in enumerate(reader.inputs):
