@@ -207,26 +207,31 @@ class NormalEquations:
         self.batches += 1
 
     def _accumulate(self, patches: np.ndarray, targets: np.ndarray, weight: float) -> None:
-        """``patches`` ``[m, Cin, *k]``, ``targets`` ``[m, Cout]`` (gathered copies) into ``A``, ``B``, ``yy``."""
-        g, f = self.layer.groups, self.features
+        """``patches`` ``[m, Cin, *k]``, ``targets`` ``[m, Cout]`` (gathered, contiguous) into ``A``, ``B``, ``yy``.
+
+        The bias column is never materialised: with ``P = [Q 1]``, ``P^T P = [[Q^T Q, Q^T 1], [1^T Q, m]]`` and
+        ``P^T Y = [Q^T Y; 1^T Y]``, so only column sums are added to the products of the patch matrix ``Q``."""
+        g, fi = self.layer.groups, self.features - 1
         m = patches.shape[0]
-        rows = np.empty((g, m, f))
-        rows[:, :, :-1] = patches.reshape(m, g, f - 1).transpose(1, 0, 2)
-        rows[:, :, -1] = 1.0
-        ys = targets.reshape(m, g, -1).transpose(1, 0, 2)
+        q = patches.reshape(m, g, fi)
+        ys = targets.reshape(m, g, -1)
         if g == 1:
-            gram = (rows[0].T @ rows[0])[None]  # same buffer transposed: BLAS syrk
-        else:
-            gram = np.matmul(rows.transpose(0, 2, 1), rows)  # stacked [g, f, f]
-        cross = np.matmul(rows.transpose(0, 2, 1), ys)
-        energy = np.einsum("gmo,gmo->g", ys, ys)
-        if weight != 1.0:
-            gram *= weight
-            cross *= weight
-            energy *= weight
-        self._a += gram
-        self._b += cross
-        self._yy += energy
+            q2, y2 = q[:, 0], ys[:, 0]
+            gram = (q2.T @ q2)[None]  # the same buffer transposed: BLAS syrk
+            cross = (q2.T @ y2)[None]
+        else:  # stacked per group, contracted over positions without transposing copies
+            gram = np.einsum("mgf,mgh->gfh", q, q, optimize=True)
+            cross = np.einsum("mgf,mgo->gfo", q, ys, optimize=True)
+        q_sum, y_sum = q.sum(axis=0), ys.sum(axis=0)  # [g, fi], [g, Og]
+        energy = np.einsum("mgo,mgo->g", ys, ys)
+        a, b = self._a, self._b
+        a[:, :fi, :fi] += weight * gram
+        a[:, :fi, fi] += weight * q_sum
+        a[:, fi, :fi] += weight * q_sum
+        a[:, fi, fi] += weight * m
+        b[:, :fi] += weight * cross
+        b[:, fi] += weight * y_sum
+        self._yy += weight * energy
 
     def _check_data(self) -> None:
         if self.positions == 0:
