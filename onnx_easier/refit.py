@@ -224,14 +224,17 @@ class NormalEquations:
             cross = np.einsum("mgf,mgo->gfo", q, ys, optimize=True)
         q_sum, y_sum = q.sum(axis=0), ys.sum(axis=0)  # [g, fi], [g, Og]
         energy = np.einsum("mgo,mgo->g", ys, ys)
+        if weight != 1.0:  # subsampled: every sum is scaled by M / m (in place, these are fresh arrays)
+            for part in (gram, cross, q_sum, y_sum, energy):
+                part *= weight
         a, b = self._a, self._b
-        a[:, :fi, :fi] += weight * gram
-        a[:, :fi, fi] += weight * q_sum
-        a[:, fi, :fi] += weight * q_sum
+        a[:, :fi, :fi] += gram
+        a[:, :fi, fi] += q_sum
+        a[:, fi, :fi] += q_sum
         a[:, fi, fi] += weight * m
-        b[:, :fi] += weight * cross
-        b[:, fi] += weight * y_sum
-        self._yy += weight * energy
+        b[:, :fi] += cross
+        b[:, fi] += y_sum
+        self._yy += energy
 
     def _check_data(self) -> None:
         if self.positions == 0:
