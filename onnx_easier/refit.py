@@ -118,7 +118,8 @@ class NormalEquations:
     ``[N, Cin, *S]`` (nd = 0: ``[N, Cin]``; a channel-last token batch ``[N, T, F]`` is passed by the caller as
     ``[N*T, F]``) and the target ``[N, Cout, *S_out]``; ``solve(ridge)`` returns the least-squares layer.
     See the module docstring for the math. Memory: ``memory_bytes`` (= ``memory_estimate(layer)``) for the state,
-    plus a transient patch buffer of at most ~32 MB per update chunk; independent of the number of samples.
+    plus a transient patch buffer of about 32 MB per update chunk, independent of the number of samples; ``solve``
+    briefly holds about two more ``groups x f x f`` float64 arrays (the regularised system and LAPACK's LU copy).
 
     Raises ``RefitTooLarge`` when ``feature_count(layer) > max_features``: the state holds ``groups`` float64
     matrices of ``f x f``, e.g. ``(k*k*C + 1)^2 * 8`` bytes for a dense ``k x k`` conv with ``C`` inputs.
