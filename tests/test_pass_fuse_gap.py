@@ -52,3 +52,19 @@ def test_gap_moves_before_a_per_channel_mul() -> None:
     out, results, _ = apply(model, fuse_gap.run)
     assert results[0].changed == 1 and ops(out) == ["GlobalAveragePool", "Mul"]
     assert_same(model, out)
+
+
+def test_reduce_mean_over_spatial_axes_counts_as_a_global_pool() -> None:
+    for opset, keepdims, moved in ((18, 1, True), (13, 1, True), (18, 0, False)):
+        net = Net(opset=opset)
+        x = net.input("x", ["N", 4, 5, 5])
+        h = net.conv(x, 4, 6, k=1)
+        if opset >= 18:
+            h = net.node("ReduceMean", h, net.const(np.array([-1, -2], np.int64)), keepdims=keepdims)
+        else:
+            h = net.node("ReduceMean", h, axes=[2, 3], keepdims=keepdims)
+        net.output(h)
+        model = net.model()
+        out, _, _ = apply(model, fuse_gap.run)
+        assert_same(model, out)
+        assert (ops(out) == ["ReduceMean", "Conv"]) is moved

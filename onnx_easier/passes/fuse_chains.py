@@ -256,7 +256,7 @@ def _partition(items: list[Sized], result: PassResult) -> list[_Segment]:
         bounds.append(i)
         j = i
     for k in bounds:
-        if 0 < k < n:
+        if 0 < k < n and "reshape" not in (items[k - 1].e.kind, items[k].e.kind):
             why = segment(k - 1, k + 1)
             if isinstance(why, str):
                 refuse(result, f"not fused {why}")

@@ -1,4 +1,4 @@
-"""Move GlobalAveragePool before position-wise linear elements, so that they run on one position per channel and
+"""Move GlobalAveragePool (or a ReduceMean over all spatial axes, keepdims=1) before position-wise linear elements, so that they run on one position per channel and
 can then fuse with the layers after the pool.
 
 A position-wise element acts on each position independently and identically: a 1x..x1 Conv with unit strides and
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_easier.graph_utils import producer, single_consumer
+from onnx_easier.graph_utils import attr, constant_value, producer, single_consumer
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.fuse_common import Element, FusionContext, Names, recognise
 
@@ -32,7 +33,7 @@ def run(graph: gs.Graph, ctx: FusionContext | None = None) -> PassResult:
     result = PassResult("fuse_gap")
     names = Names(graph)
     for gap in list(graph.nodes):
-        if gap.op != "GlobalAveragePool" or gap.domain not in ("", "ai.onnx", None):
+        if not is_global_mean(gap):
             continue
         moved = []
         while True:
@@ -48,6 +49,27 @@ def run(graph: gs.Graph, ctx: FusionContext | None = None) -> PassResult:
         graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     log.info("fuse_gap: %d position-wise elements moved after a GlobalAveragePool", result.changed)
     return result
+
+
+def is_global_mean(node: gs.Node) -> bool:
+    """GlobalAveragePool, or ReduceMean with keepdims=1 over exactly the spatial axes 2..r-1 (axes as attribute or
+    as a constant input, as torch.onnx's dynamo exporter writes adaptive_avg_pool2d(x, 1))."""
+    if node.domain not in ("", "ai.onnx", None) or not node.inputs or not node.outputs:
+        return False
+    if node.op == "GlobalAveragePool":
+        return True
+    if node.op != "ReduceMean" or not int(attr(node, "keepdims", 1)):
+        return False
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) < 3:
+        return False
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.inputs) > 1:
+        axes = constant_value(node.inputs[1])
+    if axes is None:
+        return False
+    rank = len(shape)
+    return sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)) == list(range(2, rank))
 
 
 def _position_wise_producer(graph: gs.Graph, gap: gs.Node) -> Element | None:
