@@ -126,7 +126,9 @@ def test_channel_last_tokens_reshaped_by_caller() -> None:
     rng = np.random.default_rng(2)
     true = make_layer(rng.normal(size=(6, 10)), rng.normal(size=6))
     tokens = rng.normal(size=(4, 7, 10))
-    y = F.linear(torch.from_numpy(tokens), torch.from_numpy(np.array(true.weight)), torch.from_numpy(np.array(true.bias)))
+    y = F.linear(
+        torch.from_numpy(tokens), torch.from_numpy(np.array(true.weight)), torch.from_numpy(np.array(true.bias))
+    )
     equations = NormalEquations(random_like(true, rng))
     equations.update(tokens.reshape(-1, 10), y.numpy().reshape(-1, 6))
     assert_recovered(equations.solve(ridge=0.0), true)
