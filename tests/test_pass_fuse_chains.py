@@ -489,3 +489,14 @@ def test_block_diagonal_dense_product_is_emitted_dense() -> None:
     out, _, _ = fused(net)
     assert ops(out) == ["Gemm"]
     assert list(out.graph.initializer[0].dims) in ([8, 8], [8])
+
+
+def test_unnamed_nodes_get_labels_in_names_and_mapping() -> None:
+    net = Net()
+    x = net.input("x", ["N", 4, 5, 5])
+    net.output(net.bn(net.conv(x, 4, 4, k=1, name="h"), 4, name="y"))
+    model = net.model()
+    for n in model.graph.node:
+        n.name = ""
+    _, _, ctx = fused(model)
+    assert ctx.mapping == {"fused(<Conv:h>+<BatchNormalization:y>)": ("x", "y", ["<Conv:h>", "<BatchNormalization:y>"])}

@@ -50,6 +50,7 @@ from onnx_easier.passes.fuse_common import (
     fused_name,
     lift,
     merge_pad,
+    node_label,
     plan,
     recognise,
     refuse,
@@ -270,7 +271,7 @@ def _partition(items: list[Sized], result: PassResult) -> list[_Segment]:
 def _rewrite(graph: gs.Graph, names: Names, ctx: FusionContext, seg: _Segment, result: PassResult) -> tuple[int, int]:
     elements = [it.e for it in seg.items]
     old = [n for e in elements for n in e.nodes]
-    replaced = [n.name for n in old]
+    replaced = [node_label(n) for n in old]
     x, out = elements[0].inp, elements[-1].out
     name = names.take(fused_name(ctx.expand(replaced)))
     detach(old)

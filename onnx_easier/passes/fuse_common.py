@@ -108,6 +108,13 @@ class FusionContext:
         return sources
 
 
+def node_label(node: gs.Node) -> str:
+    """A node's name, or ``<Op:first output>`` for an unnamed node (exporters may leave names empty)."""
+    if node.name:
+        return node.name
+    return f"<{node.op}:{node.outputs[0].name if node.outputs else '?'}>"
+
+
 def fused_name(sources: list[str]) -> str:
     """``fused(a+b+c)``; long lists are shortened to ``fused(a+b+...+z|12)`` (the mapping has them all)."""
     if len(sources) <= 6:
@@ -203,7 +210,7 @@ class Element:
 
     @property
     def names(self) -> list[str]:
-        return [n.name for n in self.nodes]
+        return [node_label(n) for n in self.nodes]
 
     def channels(self) -> int | None:
         """Channel count of the input when known from the layer, the constant or the static shape."""

@@ -54,6 +54,7 @@ from onnx_easier.passes.fuse_common import (
     emit,
     fused_name,
     merge_pad,
+    node_label,
     np_dtype,
     plan,
     recognise,
@@ -349,7 +350,7 @@ def _rewrite(graph: gs.Graph, names: Names, ctx: FusionContext, add: gs.Node, fo
              result: PassResult) -> None:
     out = add.outputs[0]
     old = fold.nodes + [add]
-    replaced = [n.name for n in old]
+    replaced = [node_label(n) for n in old]
     name = names.take(fused_name(ctx.expand(replaced)))
     layout = fold.elements[0].layout
     dtype = fold.elements[0].dtype

@@ -29,6 +29,7 @@ from onnx_easier.passes.fuse_common import (
     Names,
     detach,
     fused_name,
+    node_label,
     recognise,
     refuse,
     shared_weight,
@@ -130,12 +131,12 @@ def _rewrite(graph: gs.Graph, names: Names, ctx: FusionContext, node: gs.Node, s
                  * per_weight.reshape(per_weight.shape + (1,) * (w.ndim - 2))).reshape(w.shape)
         b_new = scale * bias + shift
         x, out = node.inputs[0], e.out
-        replaced = [node.name] + e.names
+        replaced = [node_label(node)] + e.names
     else:
         w_new = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
         b_new = bias
         x, out = e.inp, node.outputs[0]
-        replaced = e.names + [node.name]
+        replaced = e.names + [node_label(node)]
     name = names.take(fused_name(ctx.expand(replaced)))
     attrs = dict(node.attrs)
     inputs = [x, gs.Constant(names.take(f"{name}.weight"), np.ascontiguousarray(w_new.astype(dtype)))]
