@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
@@ -500,3 +502,40 @@ def test_unnamed_nodes_get_labels_in_names_and_mapping() -> None:
         n.name = ""
     _, _, ctx = fused(model)
     assert ctx.mapping == {"fused(<Conv:h>+<BatchNormalization:y>)": ("x", "y", ["<Conv:h>", "<BatchNormalization:y>"])}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_random_chains_stay_exact(data) -> None:
+    """Random chains of convs (kernel, stride, dilation, pads, groups), BNs and per-channel affines on 1-d or 2-d
+    inputs of static or symbolic size: whatever the partition chosen, the output is unchanged."""
+    nd = data.draw(st.sampled_from([1, 2]), label="nd")
+    symbolic = data.draw(st.booleans(), label="symbolic")
+    net = Net(seed=data.draw(st.integers(0, 1000), label="seed"))
+    c = data.draw(st.sampled_from([2, 4]), label="c0")
+    size = 9
+    h = net.input("x", ["N", c] + (["S"] * nd if symbolic else [size] * nd))
+    for i in range(data.draw(st.integers(2, 4), label="length")):
+        kind = data.draw(st.sampled_from(["conv", "conv", "bn", "mul", "add"]), label=f"kind{i}")
+        if kind == "conv":
+            cout = data.draw(st.sampled_from([2, 4, 8]), label=f"cout{i}")
+            k = data.draw(st.sampled_from([1, 3]), label=f"k{i}")
+            s = data.draw(st.sampled_from([1, 1, 2]), label=f"s{i}")
+            d = data.draw(st.sampled_from([1, 2]), label=f"d{i}") if k > 1 else 1
+            p = data.draw(st.integers(0, d * (k - 1)), label=f"p{i}")
+            g = data.draw(st.sampled_from([1, 2]), label=f"g{i}")
+            size = (size + 2 * p - d * (k - 1) - 1) // s + 1
+            if size < 1:
+                break
+            h = net.conv(h, c, cout, k=k, nd=nd, strides=[s] * nd, dilations=[d] * nd, pads=[p] * (2 * nd), group=g)
+            c = cout
+        elif kind == "bn":
+            h = net.bn(h, c)
+        else:
+            shape = data.draw(st.sampled_from([(c,) + (1,) * nd, ()]), label=f"shape{i}")
+            h = net.node("Mul" if kind == "mul" else "Add", h, net.const(net.rng.uniform(0.5, 1.5, shape)))
+    net.output(h)
+    model = net.model()
+    out, _, _ = apply(model, cleanup.run, fuse_chains.run)
+    assert_same(model, out, feeds(model, dim=9))
+    assert len(out.graph.node) <= len(model.graph.node) + 1
