@@ -323,12 +323,17 @@ def test_identity_and_dropout_are_seen_through() -> None:
     assert ops(out) == ["Conv"]
 
 
-@pytest.mark.parametrize("how", ["Flatten", "Reshape"])
+@pytest.mark.parametrize("how", ["Flatten", "Reshape", "Squeeze"])
 def test_conv_flatten_gemm_fuses_across_the_flatten(how: str) -> None:
     net = Net()
     x = net.input("x", ["N", 8, 3, 3])
     h = net.bn(net.conv(x, 8, 32, k=3), 32)  # -> [N, 32, 1, 1]
-    h = net.node("Flatten", h, axis=1) if how == "Flatten" else net.node("Reshape", h, net.const(np.array([-1, 32])))
+    if how == "Flatten":
+        h = net.node("Flatten", h, axis=1)
+    elif how == "Reshape":
+        h = net.node("Reshape", h, net.const(np.array([-1, 32])))
+    else:
+        h = net.node("Squeeze", h, net.const(np.array([2, 3])))
     net.output(net.gemm(net.gemm(h, 32, 16), 16, 5))
     out, _, _ = fused(net)
     assert ops(out) == ["Conv", "Flatten"]

@@ -13,8 +13,9 @@ expressible as a ``linear_math.ConvLayer`` on the channel axis:
   along the batch axis).
 - ``MatMul(x, B)`` with a constant 2-D ``B``: ``W = B^T``; ``x`` is ``[N, F]`` or ``[N, ..., F]`` (channel last).
 - ``Pad`` (mode constant, value 0, spatial axes only, pads >= 0): only in front of a Conv, whose pads absorb it.
-- ``Flatten(axis=1)`` / ``Reshape`` of ``[N, C, 1, .., 1]`` to ``[N, C]`` (static shapes): no arithmetic; layers
-  after it are lifted to 1x..x1 convolutions when a segment crosses it.
+- ``Flatten(axis=1)`` / ``Reshape`` / ``Squeeze`` of ``[N, C, 1, .., 1]`` to ``[N, C]`` (static C and inferred
+  output shape; the data order is the same whatever the op): no arithmetic; layers after it are lifted to 1x..x1
+  convolutions when a segment crosses it.
 
 A *layout* says where the channel axis is: axis 1 ("channel-first", Conv/BN; rank 2 is ``[N, C]``) or the last
 axis ("channel-last", MatMul on ``[N, T, F]``). Channel-first rank ``r`` layers have ``nd = r - 2`` spatial axes;
@@ -521,6 +522,7 @@ _RECOGNISERS = {
     "Pad": _pad,
     "Flatten": _reshape,
     "Reshape": _reshape,
+    "Squeeze": _reshape,
 }
 
 
