@@ -2,16 +2,20 @@
 
 Pipelines, written out:
 - analyze:  load -> name nodes -> find activations -> read data -> calibrate (ORT, streamed) -> entropies -> cost
-- optimize: analyze (with affine moments when needed) -> choose the K lowest-entropy activations -> linearize
-            (reference model) -> shape inference -> fusion passes -> checker -> verify against the reference
-            on calibration samples (the fusions must be exact: relative error <= 1e-4) -> cost -> report
+- optimize, budget mode (default): analyze -> exact fusions (checked exact) -> split data (fit / check / holdout)
+            -> search per strategy (select.py: linearize, fuse, re-fit, fidelity on holdout, keep or undo)
+            -> latency of original / exact / results, interleaved -> keep the fastest, never slower than the
+            input -> checker + strict shape inference -> report; ``Result.write`` reloads and verifies on disk
+- optimize, paper mode (``remove=K``): analyze -> the K lowest-entropy activations -> linearize (reference)
+            -> fuse -> checker -> exact against the reference (relative error <= 1e-4) -> report
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,17 +24,28 @@ from onnx_easier import __version__
 from onnx_easier.activations import Activation, ensure_node_names, find_activations, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
-from onnx_easier.data import CalibrationData, input_specs, load_data
+from onnx_easier.data import CalibrationData, fixed_batch, input_specs, load_data
 from onnx_easier.errors import BadArgumentError, VerificationError
-from onnx_easier.fusion import fuse
-from onnx_easier.model_io import load_model, make_session, to_graph, to_model
-from onnx_easier.passes.linearize import linearize
+from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
+from onnx_easier.latency import measure_latency
+from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
+from onnx_easier.select import (
+    HOLDOUT_FRACTION,
+    MAX_HOLDOUT,
+    STRATEGIES,
+    Judge,
+    Search,
+    SearchResult,
+    fuse_model,
+    linearize_and_fuse,
+)
 
 log = logging.getLogger(__name__)
 
 LINEARIZE_MODES = ("identity", "affine")
 EXACT_RTOL = 1e-4  # fusions are exact: max |a - b| / max(1, max |a|) over every output
 VERIFY_SAMPLES = 64
+NOISE_MARGIN = 0.03  # the exact-fusion model is kept unless it measures more than 3% slower than the input
 
 
 @dataclass
@@ -84,7 +99,30 @@ class Result:
     model: onnx.ModelProto
     report: dict
     analysis: Analysis
-    fused: dict = field(default_factory=dict)
+    verifier: Callable[[onnx.ModelProto], dict] | None = None  # figures of a reloaded model; ok=False on failure
+
+    def write(self, path: str | os.PathLike, *, keep_failed: bool = False) -> dict:
+        """Save atomically, reload the file from disk, verify it against the original; publish it only if the
+        verification passes (or ``keep_failed``). The figures go into ``report["verification"]``; a failure
+        raises VerificationError (exit code 1)."""
+        figures: dict = {}
+
+        def check(tmp: str) -> None:
+            figures.update(self.verifier(onnx.load(tmp)) if self.verifier else {"ok": True})
+            if not figures["ok"] and not keep_failed:
+                raise VerificationError(_verification_message(figures) + "; nothing was written "
+                                        "(--keep-failed writes it anyway)")
+
+        save_model(self.model, path, check)
+        self.report["verification"] = figures
+        if not figures.get("ok", True):
+            raise VerificationError(_verification_message(figures) + f"; written anyway to {path} (--keep-failed)")
+        return figures
+
+
+def _verification_message(figures: dict) -> str:
+    return (f"verification failed: the written model is outside the tolerance ({figures.get('metric')} loss "
+            f"{figures.get('value')} > {figures.get('tolerance')})")
 
 
 def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
@@ -126,61 +164,188 @@ def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     data: str | os.PathLike | None = None,
     *,
-    remove: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+    metric: str | None = None,
+    strategy: str = "auto",
+    max_remove: int | None = None,
+    remove: int | None = None,
     linearize_mode: str = "affine",
+    refit: bool = True,
+    provider: str = "cpu",
     samples: int | None = None,
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool = False,
 ) -> Result:
-    """Linearize the ``remove`` lowest-entropy activations (EASIER order), then fuse what became linear.
+    """Make ``model`` shallower.
 
-    ``remove=0`` runs the exact fusions only. The fused model is verified against the reference (the original
-    with the chosen activations linearized, nothing fused) on calibration samples; a mismatch raises
-    VerificationError (it would be a bug in a pass: fusions are exact or not done).
+    Default (budget mode): linearize activations in the order of ``strategy`` while the fidelity loss against the
+    original on held-out samples stays <= ``tolerance`` (select.py), re-fitting merged layers by least squares
+    unless ``refit=False``; then keep the fastest of the results on ``provider``, never one slower than the input.
+    ``tolerance=0``: the exact fusions only.
+
+    ``remove=K`` (the paper's mode): linearize exactly the K lowest-entropy activations, fuse, no re-fit, no
+    fidelity budget. Either way the fused model is checked against its unfused reference (fusions are exact).
     """
     if linearize_mode not in LINEARIZE_MODES:
         raise BadArgumentError(f"--linearize must be one of {', '.join(LINEARIZE_MODES)}, not {linearize_mode!r}")
-    if remove < 0:
+    if strategy not in STRATEGIES:
+        raise BadArgumentError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if metric is not None and metric not in METRICS:
+        raise BadArgumentError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    if remove is not None and remove < 0:
         raise BadArgumentError(f"--remove must be >= 0, not {remove}")
+    if max_remove is not None and max_remove < 0:
+        raise BadArgumentError(f"--max-remove must be >= 0, not {max_remove}")
+    if not tolerance >= 0:
+        raise BadArgumentError(f"--tolerance must be >= 0, not {tolerance}")
+    t_start = time.perf_counter()
+    paper = remove is not None
     analysis = analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes,
-                       moments=linearize_mode == "affine" and remove > 0, progress=progress)
+                       moments=paper and linearize_mode == "affine" and remove > 0, progress=progress)
+    shapes = _sample_shapes(analysis.data)
+    if paper:
+        out, report, verifier = _paper_mode(analysis, remove, linearize_mode, shapes)
+    else:
+        out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
+                                   max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
+                                   shapes=shapes, progress=progress)
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    return Result(out, report, analysis, verifier)
+
+
+def _finish(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict checks every written model passes: full checker and strict, typed shape inference."""
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    onnx.checker.check_model(inferred, full_check=True)
+    return model
+
+
+def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tuple[onnx.ModelProto, dict, Callable]:
     chosen = analysis.ranked()[:remove]
     if remove > len(analysis.activations):
         log.warning("--remove %d: the model has only %d activations; linearizing all", remove, len(chosen))
-
-    graph = to_graph(analysis.model)
-    fits = {a.name: analysis.stats[a.name].affine_fit() for a in chosen} if linearize_mode == "affine" else None
-    lin = linearize(graph, chosen, linearize_mode, fits)
-    reference = to_model(graph, analysis.model)
-
-    inferred = onnx.shape_inference.infer_shapes(reference)
-    fgraph = to_graph(inferred)
-    fusion = fuse(fgraph)
-    out = to_model(fgraph, analysis.model)
-    del out.graph.value_info[:]
-    out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
-    del out.graph.value_info[:]
-    onnx.checker.check_model(out, full_check=True)
-
-    err = max_relative_error(reference, out, analysis.data)
+    fits = {a.name: analysis.stats[a.name].affine_fit() for a in chosen} if mode == "affine" else None
+    built = linearize_and_fuse(analysis.model, chosen, mode, fits)
+    out = _finish(analysis, built.model)
+    err = max_relative_error(built.reference, out, analysis.data)
     if err > EXACT_RTOL:
         raise VerificationError(
             f"internal error: the fused model differs from the linearized reference (relative error {err:.2e}); "
             "nothing was written. Please report this model."
         )
-    after = measure(out, len(analysis.activations) - len(chosen), _sample_shapes(analysis.data))
-    actions = {a.name: "linearized" for a in chosen}
-    report = analysis.report(actions)
-    report["linearize"] = linearize_mode
+    report = analysis.report({a.name: "linearized" for a in chosen})
+    report["mode"] = "remove"
+    report["linearize"] = mode
     report["remove"] = remove
-    report["after"] = after.as_report()
-    report["passes"] = [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in [lin, *fusion.results]]
-    report["fused_layers"] = fusion.mapping
+    report["after"] = measure(out, len(analysis.activations) - len(chosen), shapes).as_report()
+    report["passes"] = [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in built.fusion.results]
+    report["fused_layers"] = {k: v._asdict() for k, v in built.fusion.mapping.items()}
     report["exactness"] = {"reference": "original with the chosen activations linearized, nothing fused",
                            "max_relative_error": err, "rtol": EXACT_RTOL,
                            "samples": min(VERIFY_SAMPLES, analysis.data.samples)}
-    return Result(out, report, analysis, fusion.mapping)
+
+    def verifier(written: onnx.ModelProto) -> dict:
+        e = max_relative_error(built.reference, written, analysis.data)
+        return {"ok": e <= EXACT_RTOL, "metric": "max-relative-error", "value": e, "tolerance": EXACT_RTOL,
+                "reference": "original with the chosen activations linearized"}
+
+    return out, report, verifier
+
+
+def split_data(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
+    """(fit, check, holdout): the last quarter (at most MAX_HOLDOUT) measures fidelity; of the rest the last fifth
+    decides whether a re-fit is kept. With very few samples the sets overlap (said in the report)."""
+    n = data.samples
+    if n < 8:
+        return data, data, data
+    h = min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION)))
+    rest = n - h
+    c = max(1, rest // 5)
+    return data.subset(0, rest - c), data.subset(rest - c, rest), data.subset(rest, n)
+
+
+def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
+                 max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict,
+                 progress: bool) -> tuple[onnx.ModelProto, dict, Callable]:
+    fit, check, holdout = split_data(analysis.data)
+    batch = fixed_batch(input_specs(analysis.model)) or min(32, holdout.samples)
+    judge = Judge(analysis.model, holdout, metric, tolerance, batch)
+    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model)
+    exact_model = _finish(analysis, exact_model)
+    err = judge.max_relative_error(exact_model)
+    if err > EXACT_RTOL:
+        raise VerificationError(f"internal error: the exact fusions changed the outputs (relative error {err:.2e}); "
+                                "nothing was written. Please report this model.")
+    entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
+    search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
+                    max_remove, shapes, (lambda msg: log.info("%s", msg)) if progress else None)
+    results: list[SearchResult] = []
+    if tolerance > 0 and analysis.activations and max_remove != 0:
+        for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
+            results.append(search.run(s))
+
+    # latency: original, exact, every search result, interleaved; keep the fastest, never slower than the input
+    lat_batch = fixed_batch(input_specs(analysis.model)) or 1  # batch 1 unless the model fixes its batch
+    feeds = next(analysis.data.batches(lat_batch, drop_last=True))
+    models = {"original": analysis.model, "exact": exact_model}
+    models.update({f"search:{r.strategy}": _finish(analysis, r.model) for r in results if r.linearized})
+    lat = measure_latency(models, feeds, provider=provider)
+    ranked = sorted((k for k in models if k != "original"),
+                    key=lambda k: (lat[k].median_ms, measure(models[k], 0, shapes).macs))
+    base_ms = lat["original"].median_ms
+    # a search result must be measurably no slower; the exact model (never more MACs) gets the timing noise margin
+    chosen = next((k for k in ranked if lat[k].median_ms <= base_ms * (1 + NOISE_MARGIN if k == "exact" else 1)),
+                  "original")
+    note = None
+    if chosen in ("exact", "original") and any(r.linearized for r in results):
+        note = "no linearization made the model faster: only the exact fusions were kept"
+        log.warning("%s", note)
+    result = next((r for r in results if f"search:{r.strategy}" == chosen), None)
+    out = models[chosen]
+    linearized = set(result.linearized) if result else set()
+    fidelity = judge(out)
+
+    tried: dict[str, float] = {}
+    for r in results:
+        for t in r.trials:
+            if r is result or not result:
+                for n in t.acts:
+                    tried.setdefault(n, t.fidelity)
+    report = analysis.report({n: "linearized" for n in linearized})
+    for a in report["activations"]:
+        if a["node"] in tried:
+            a["fidelity"] = tried[a["node"]]
+    report["mode"] = "tolerance"
+    report["linearize"] = mode
+    report["strategy"] = {"requested": strategy, "chosen": result.strategy if result else chosen,
+                          "refit": refit, "max_remove": max_remove}
+    n_after = len(analysis.activations) - len(linearized)
+    report["after"] = measure(out, n_after, shapes).as_report()
+    report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,
+                          "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
+    warning = fidelity.training_data_warning()
+    report["warnings"] = [w for w in (warning, note) if w]
+    report["latency_ms"] = {"before": lat["original"].median_ms, "after": lat[chosen].median_ms,
+                            "provider": provider, "batch": int(next(iter(feeds.values())).shape[0]),
+                            "ratio": lat[chosen].median_ms / lat["original"].median_ms,
+                            "candidates": {k: v.as_report() for k, v in lat.items()}}
+    report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
+                                     "trials": [t.as_report() for t in r.trials]} for r in results}
+    report["trials"] = sum(len(r.trials) for r in results)
+    report["passes"] = [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in exact_fusion.results]
+    report["exactness"] = {"reference": "original (exact fusions only)", "max_relative_error": err,
+                           "rtol": EXACT_RTOL, "samples": holdout.samples}
+
+    def verifier(written: onnx.ModelProto) -> dict:
+        f = judge(written)
+        e = judge.max_relative_error(written)
+        return {"ok": bool(f.ok or e <= EXACT_RTOL), "metric": f.metric, "value": float(f.value),
+                "tolerance": tolerance, "max_relative_error": e, "samples": holdout.samples,
+                "reference": "original model"}
+
+    return out, report, verifier
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

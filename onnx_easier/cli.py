@@ -33,15 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT.onnx", nargs="?", help="where to write the optimized model")
     p.add_argument("--data", metavar="PATH", help=".npz keyed by input names, .npy (single input), or a folder of "
                    "them; first axis = samples. Default: random samples (entropies then describe no real input)")
-    p.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    p.add_argument("--report", metavar="R.json|R.html", action="append", default=[],
+                   help="write the report: JSON, or one self-contained HTML page when the name ends in .html "
+                   "(repeatable)")
     p.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for random data (default 0)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="shape of a dynamic input for random data, e.g. x:1,3,224,224 (repeatable)")
     p.add_argument("--linearize", choices=("identity", "affine"), default="affine",
                    help="identity (the paper) or per-channel least-squares affine fit (default)")
-    p.add_argument("--remove", type=int, metavar="K", default=0,
-                   help="linearize exactly the K lowest-entropy activations, then fuse (default 0: exact fusions only)")
+    p.add_argument("--tolerance", type=float, default=0.01, metavar="T",
+                   help="allowed fidelity loss against the original on held-out samples (default 0.01; "
+                   "0 = exact fusions only)")
+    p.add_argument("--metric", choices=("agreement", "cosine", "rel-l2"),
+                   help="fidelity metric (default: agreement, KL-aware, for classifiers [N, K>1]; rel-l2 otherwise)")
+    p.add_argument("--strategy", choices=("auto", "entropy", "merge"), default="auto",
+                   help="entropy: single activations in EASIER order (the paper); merge: groups whose removal "
+                   "lets layers merge first; auto (default): both, keep the faster model")
+    p.add_argument("--max-remove", type=int, metavar="K", help="linearize at most K activations")
+    p.add_argument("--no-refit", action="store_true",
+                   help="do not re-fit merged layers by least squares to the original model's tensors")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime execution provider for latency (default cpu)")
+    p.add_argument("--remove", type=int, metavar="K",
+                   help="the paper's mode: linearize exactly the K lowest-entropy activations, then fuse (no "
+                   "budget, no re-fit); --remove 0 runs only the exact fusions")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks on errors")
@@ -54,9 +72,10 @@ def _check_output_path(out: str, src: str, overwrite: bool, flag: str) -> None:
     """Refuse before any work: OUT equal to IN (without --overwrite), missing or read-only folder, a directory."""
     path = Path(out)
     folder = path.parent if str(path.parent) else Path(".")
-    if path.resolve() == Path(src).resolve() or (path.exists() and Path(src).exists() and os.path.samefile(path, src)):
-        if not overwrite:
-            raise BadArgumentError(f"{flag} {out} is the input model; pass --overwrite to replace it (atomically)")
+    same = path.resolve() == Path(src).resolve() or (path.exists() and Path(src).exists()
+                                                      and os.path.samefile(path, src))
+    if same and not overwrite:
+        raise BadArgumentError(f"{flag} {out} is the input model; pass --overwrite to replace it (atomically)")
     if path.is_dir():
         raise BadArgumentError(f"{flag} {out} is a directory; give a file path")
     if not folder.is_dir():
@@ -77,14 +96,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Do the job described by parsed ``args``; raise OnnxEasierError on bad input."""
     from onnx_easier import api, report
     from onnx_easier.data import parse_input_shapes
-    from onnx_easier.model_io import save_model
 
     if args.samples is not None and args.samples < 1:
         raise BadArgumentError(f"--samples must be >= 1, not {args.samples}")
     if args.output:
         _check_output_path(args.output, args.input, args.overwrite, "OUT")
-    if args.report:
-        _check_output_path(args.report, args.input, False, "--report")
+    for rep_path in args.report:
+        _check_output_path(rep_path, args.input, False, "--report")
+    if args.output and args.output in args.report:
+        raise BadArgumentError("OUT and --report name the same file")
     shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     progress = not args.quiet and sys.stderr.isatty()
 
@@ -93,16 +113,32 @@ def run(args: argparse.Namespace, console: Console) -> int:
                                progress=progress)
         rep = analysis.report()
     else:
-        result = api.optimize(args.input, args.data, remove=args.remove, linearize_mode=args.linearize,
+        result = api.optimize(args.input, args.data, tolerance=args.tolerance, metric=args.metric,
+                              strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
+                              linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress)
         rep = result.report
-        save_model(result.model, args.output)
         rep["output"] = args.output
-    if args.report:
-        report.write_json(rep, args.report)
+        try:
+            result.write(args.output, keep_failed=args.keep_failed)
+        finally:
+            _write_reports(rep, args.report)
+    if args.output is None:
+        _write_reports(rep, args.report)
     if not args.quiet:
         report.print_report(rep, Console())
     return 0
+
+
+def _write_reports(rep: dict, paths: list[str]) -> None:
+    from onnx_easier import report
+    from onnx_easier.report_html import write_html
+
+    for path in paths:
+        if path.lower().endswith((".html", ".htm")):
+            write_html(rep, path)
+        else:
+            report.write_json(rep, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,11 +143,13 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike,
+               check: Callable[[str], None] | None = None) -> None:
     """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then os.replace.
 
-    Models over 2 GB go with one external-data file ``<name>.data`` beside them (also written first under a
-    temporary name). On any failure nothing is left at ``path``.
+    ``check(tmp_path)`` runs on the written temporary file before it is published (e.g. reload and verify); if
+    it raises, nothing is published. Models over 2 GB go with one external-data file ``<name>.data`` beside them
+    (also written first under a temporary name). On any failure (or KeyboardInterrupt) nothing is left at ``path``.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -156,6 +159,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         if model.ByteSize() < _TWO_GB:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+            if check is not None:
+                check(tmp)
             os.replace(tmp, path)
         else:
             data_name = f"{path.name}.data"
@@ -169,6 +174,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                         entry.value = data_name
             with open(tmp, "wb") as f:
                 f.write(model_ext.SerializeToString())
+            if check is not None:
+                check(tmp)
             os.replace(tmp, path)
     finally:
         for leftover in (tmp, f"{tmp}.data"):

@@ -56,8 +56,23 @@ def print_report(report: dict, console: Console) -> None:
     console.print(cost_table(report))
     exact = report.get("exactness")
     if exact:
-        console.print(f"fusions verified exact: max relative error {exact['max_relative_error']:.2e} "
-                      f"on {exact['samples']} samples (rtol {exact['rtol']:g})")
+        console.print(f"fusions exact against {exact['reference']}: max relative error "
+                      f"{exact['max_relative_error']:.2e} on {exact['samples']} samples (rtol {exact['rtol']:g})")
+    fid = report.get("fidelity")
+    if fid:
+        console.print(f"fidelity ({fid['metric']}): loss {fid['value']:.4f} <= tolerance {fid['tolerance']:g} "
+                      f"on {fid['samples']} held-out samples; {report.get('trials', 0)} trials, "
+                      f"strategy {report['strategy']['chosen']}")
+    lat = report.get("latency_ms")
+    if lat:
+        console.print(f"latency ({lat['provider']}, batch {lat['batch']}): {lat['before']:.3f} ms -> "
+                      f"{lat['after']:.3f} ms ({lat['ratio']:.2f}x)")
+    ver = report.get("verification")
+    if ver:
+        console.print(f"written model reloaded and verified: {ver.get('metric')} {ver.get('value', 0):.3g} "
+                      f"({'ok' if ver.get('ok') else 'FAILED'})")
+    for w in report.get("warnings", []):
+        console.print(f"warning: {w}", style="yellow")
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:

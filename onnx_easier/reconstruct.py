@@ -1,0 +1,192 @@
+"""Least-squares reconstruction of chosen layers against the ORIGINAL model's tensors (graph side of refit.py).
+
+For a layer node ``L`` (Conv, Gemm, or MatMul [+ its bias Add]) of the current model whose output tensor ``y``
+also exists in the original model, solve
+
+    min_{W, b}  || L_{W,b}(x_current) - y_original ||^2  (+ ridge)
+
+where ``x_current`` is what the current model feeds ``L`` and ``y_original`` is the original model's tensor of the
+same name, streamed batch by batch (refit.NormalEquations). Layers are processed in topological order, each
+seeing the changes made to earlier ones. A fit is kept only if it lowers the error on held-out batches that are
+disjoint from the fit batches (and from the fidelity samples the caller keeps apart).
+
+Skipped, with a note: a layer whose output is not an original tensor (e.g. a Conv followed by a bias-map Add),
+whose weights are not constants, whose normal equations exceed the memory bound (refit.RefitTooLarge).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_easier.calibrate import augment
+from onnx_easier.data import CalibrationData
+from onnx_easier.graph_utils import is_constant, single_consumer
+from onnx_easier.linear_math import ConvLayer, to_dense
+from onnx_easier.model_io import make_session, to_graph, to_model
+from onnx_easier.passes.fuse_common import recognise
+from onnx_easier.refit import RefitTooLarge, fit_layer
+
+log = logging.getLogger(__name__)
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+BATCH = 32
+
+
+@dataclass
+class RefitRecord:
+    """One re-fit layer for the report: relative output errors before/after on held-out batches, time spent."""
+
+    node: str
+    target: str
+    error_before: float
+    error_after: float
+    accepted: bool
+    seconds: float
+    note: str = ""
+
+    def as_report(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Site:
+    node: gs.Node
+    bias_add: gs.Node | None  # MatMul's following Add of a constant bias
+    layer: ConvLayer
+    x: str  # input tensor name
+    y: str  # target tensor name (the original model's)
+    last: bool  # channel-last tokens ([N, ..., F]): reshape to [N*T, F]
+
+
+def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
+    """The re-fittable layer at ``node``, or why not."""
+    if node.op not in LAYER_OPS:
+        return f"{node.op} is not a layer"
+    el = recognise(node)
+    if isinstance(el, str) or el is None or el.layer is None:
+        return el if isinstance(el, str) else "not a linear layer with constant weights"
+    out = node.outputs[0]
+    bias_add = None
+    if node.op == "MatMul":
+        reader = single_consumer(graph, out)
+        if reader is not None and reader.op == "Add":
+            other = [t for t in reader.inputs if t is not out]
+            if len(other) == 1 and is_constant(other[0]) and np.asarray(other[0].values).ndim <= 1:
+                bias_add = reader
+                out = reader.outputs[0]
+    layer = el.layer
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    last = node.op == "MatMul" and (rank is None or rank > 2)
+    if bias_add is not None:
+        bias = np.broadcast_to(np.asarray(bias_add.inputs[1 - bias_add.inputs.index(node.outputs[0])].values,
+                                          np.float64), (layer.cout,))
+        layer = ConvLayer(layer.weight, layer.bias + bias, layer.strides, layer.dilations, layer.pads, layer.groups)
+    return _Site(node, bias_add, layer, node.inputs[0].name, out.name, last)
+
+
+def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer) -> None:
+    """Replace the node's weight/bias constants by fresh ones (never edits a constant in place: it may be shared)."""
+    node = site.node
+    dtype = np.asarray(node.inputs[1].values).dtype
+    base = node.name or node.outputs[0].name
+    if node.op == "Conv":
+        node.inputs[1] = gs.Constant(f"{base}.refit_weight", layer.weight.astype(dtype))
+        bias = gs.Constant(f"{base}.refit_bias", layer.bias.astype(dtype))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            node.inputs[2] = bias
+        else:
+            while len(node.inputs) < 2:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(bias)
+    elif node.op == "Gemm":
+        dense = to_dense(layer)
+        node.attrs.update({"alpha": 1.0, "beta": 1.0, "transB": 1})
+        node.inputs[1] = gs.Constant(f"{base}.refit_weight", dense.weight.astype(dtype))
+        bias = gs.Constant(f"{base}.refit_bias", dense.bias.astype(dtype))
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias
+        else:
+            node.inputs.append(bias)
+    else:  # MatMul [+ Add]
+        dense = to_dense(layer)
+        node.inputs[1] = gs.Constant(f"{base}.refit_weight", dense.weight.T.astype(dtype))
+        bias = gs.Constant(f"{base}.refit_bias", dense.bias.astype(dtype))
+        if site.bias_add is not None:
+            i = 1 - site.bias_add.inputs.index(node.outputs[0])
+            site.bias_add.inputs[i] = bias
+        else:
+            y = node.outputs[0]
+            mid = gs.Variable(f"{base}.refit_out", dtype=y.dtype, shape=y.shape)
+            node.outputs[0] = mid
+            graph.nodes.append(gs.Node("Add", f"{base}/refit_bias", inputs=[mid, bias], outputs=[y]))
+
+
+def _pairs(current: onnx.ModelProto, original: onnx.ModelProto, x: str, y: str, data: CalibrationData,
+           last: bool, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(layer input from the current model, target from the original) per batch."""
+    sc = make_session(augment(current, [x]))
+    so = make_session(augment(original, [y]))
+    for feed in data.batches(batch):
+        xv = sc.run([x], feed)[0]
+        yv = so.run([y], feed)[0]
+        if last:
+            xv = xv.reshape(-1, xv.shape[-1])
+            yv = yv.reshape(-1, yv.shape[-1])
+        yield xv.astype(np.float64), yv.astype(np.float64)
+
+
+def refit_layers(
+    model: onnx.ModelProto,
+    original: onnx.ModelProto,
+    nodes: list[str],
+    fit: CalibrationData,
+    check: CalibrationData,
+    *,
+    ridge: float = 1e-4,
+    max_positions: int | None = 20000,
+    batch: int = BATCH,
+) -> tuple[onnx.ModelProto, list[RefitRecord]]:
+    """Re-fit the layer nodes named ``nodes`` of ``model`` (topological order) to ``original``'s tensors.
+
+    ``fit`` gives the normal equations; ``check`` (disjoint samples) decides whether each fit is kept; ``batch``
+    samples per ORT run (the model's fixed batch size when it has one).
+    Returns the new model and one record per layer tried.
+    """
+    original_names = {o for n in original.graph.node for o in n.output}
+    records: list[RefitRecord] = []
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    for name in sorted(set(nodes), key=lambda n: order.get(n, 1 << 30)):
+        graph = to_graph(model)
+        node = next((n for n in graph.nodes if n.name == name), None)
+        if node is None:
+            continue
+        site = _site(graph, node)
+        if isinstance(site, str):
+            log.debug("refit %s skipped: %s", name, site)
+            continue
+        if site.y not in original_names:
+            log.debug("refit %s skipped: its output %s is not a tensor of the original model", name, site.y)
+            continue
+        t0 = time.perf_counter()
+        try:
+            new, res = fit_layer(site.layer, _pairs(model, original, site.x, site.y, fit, site.last, batch),
+                                 _pairs(model, original, site.x, site.y, check, site.last, batch), ridge=ridge,
+                                 max_positions_per_batch=max_positions)
+        except RefitTooLarge as exc:
+            records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
+            continue
+        seconds = time.perf_counter() - t0
+        records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),
+                                   seconds))
+        if res.accepted:
+            _write_back(graph, site, new)
+            model = to_model(graph, model)
+        log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before, res.error_after,
+                 "kept" if res.accepted else "rejected", seconds)
+    return model, records

@@ -1,0 +1,344 @@
+"""The EASIER loop after export: linearize under a fidelity budget, fuse, re-fit, keep what stays within tolerance.
+
+Pipeline of one search (``search``), starting from the exact-fused original ``M_0``:
+
+    for each candidate C in order (single activations by entropy; or groups whose joint linearization lets a
+    chain collapse into a cheaper layer, ranked by entropy and MACs saved):
+        M' = fuse(linearize(M_k, C, affine fits from M_k's own statistics))
+        M' = re-fit the layers downstream of C to the ORIGINAL model's tensors (least squares, reconstruct.py)
+        loss = fidelity(original, M') on held-out samples (disjoint from the fit samples)
+        keep M_{k+1} = M' if loss <= tolerance (and re-calibrate the statistics the affine fits need), else undo;
+        one failure does not end the search; ``max_remove`` caps the count.
+
+Data split: the last ``holdout`` samples measure fidelity and are never used to fit anything; of the others, the
+last fifth decides whether each re-fit is kept and the rest fit (affine statistics and normal equations).
+
+Strategies: ``entropy`` = single activations in EASIER order (the paper); ``merge`` = groups first (both
+activations of an inverted-residual block, the GELU of an FFN: whatever lets fusion remove MACs), then the
+remaining singles; ``auto`` (default) runs both and keeps the faster model (measured latency).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_easier.activations import Activation, infer_shapes
+from onnx_easier.calibrate import ChannelStats, calibrate
+from onnx_easier.cost import measure
+from onnx_easier.data import CalibrationData
+from onnx_easier.fidelity import Fidelity, FidelityAccumulator
+from onnx_easier.fusion import FusionResult, fuse
+from onnx_easier.model_io import make_session, to_graph, to_model
+from onnx_easier.passes.linearize import linearize
+from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, refit_layers
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "entropy", "merge")
+MAX_GROUP = 3  # activations per merge candidate
+HOLDOUT_FRACTION = 0.25
+MAX_HOLDOUT = 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building one candidate model
+
+
+@dataclass
+class Built:
+    """A model with some activations linearized and everything fused; ``reference`` is the same before fusion."""
+
+    model: onnx.ModelProto
+    reference: onnx.ModelProto
+    fusion: FusionResult
+    linearized: int  # activations actually replaced (the pass skips what it cannot prove exact)
+    notes: list[str] = field(default_factory=list)
+
+
+def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionResult]:
+    """Shape inference -> fusion passes -> export (value_info dropped: it may be stale after rewrites)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = to_graph(inferred)
+    result = fuse(graph)
+    out = to_model(graph, template)
+    del out.graph.value_info[:]
+    return out, result
+
+
+def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str,
+                       fits: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> Built:
+    """Linearize ``acts`` in ``model`` (identity or affine with ``fits``), then fuse. Shapes are inferred first:
+    the affine map needs the rank of each pre-activation tensor."""
+    graph = to_graph(infer_shapes(model))
+    lin = linearize(graph, acts, mode, fits)
+    reference = to_model(graph, model)
+    del reference.graph.value_info[:]
+    fused, result = fuse_model(reference, model)
+    return Built(fused, reference, result, lin.changed, lin.notes)
+
+
+def downstream_layers(reference: onnx.ModelProto, acts: list[Activation]) -> list[str]:
+    """Names of the first layer nodes (Conv/Gemm/MatMul) reached from each activation's output (or, when the
+    identity linearization removed that tensor, its input), through any non-layer nodes."""
+    graph = to_graph(reference)
+    tensors = graph.tensors()
+    found: list[str] = []
+    for act in acts:
+        start = tensors.get(act.output) or tensors.get(act.input)
+        if start is None:
+            continue
+        todo, seen = [start], set()
+        while todo:
+            t = todo.pop()
+            for n in t.outputs:
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op in LAYER_OPS:
+                    if n.name not in found:
+                        found.append(n.name)
+                else:
+                    todo.extend(n.outputs)
+    return found
+
+
+def fused_names(fusion: FusionResult, originals: list[str], model: onnx.ModelProto) -> list[str]:
+    """Where the nodes ``originals`` went: the fused node whose sources include them, or themselves if present."""
+    present = {n.name for n in model.graph.node}
+    out: list[str] = []
+    for name in originals:
+        hit = next((fused for fused, rec in fusion.mapping.items() if name in rec.sources), None)
+        target = hit if hit is not None else name if name in present else None
+        if target is not None and target in present and target not in out:
+            out.append(target)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fidelity
+
+
+class Judge:
+    """Fidelity of candidates against the original on the held-out samples (original outputs computed once)."""
+
+    def __init__(self, original: onnx.ModelProto, holdout: CalibrationData, metric: str | None, tolerance: float,
+                 batch: int) -> None:
+        self.holdout = holdout
+        self.metric = metric
+        self.tolerance = tolerance
+        self.batch = batch
+        session = make_session(original)
+        self.names = [o.name for o in session.get_outputs()]
+        self.reference = [session.run(self.names, feed) for feed in holdout.batches(batch)]
+
+    def __call__(self, model: onnx.ModelProto) -> Fidelity:
+        session = make_session(model)
+        acc = FidelityAccumulator(self.metric, self.tolerance)
+        for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
+            acc.update(ref, session.run(self.names, feed))
+        return acc.result()
+
+    def max_relative_error(self, model: onnx.ModelProto) -> float:
+        """max over outputs of max|y_orig - y| / max(1, max|y_orig|): exactness, independent of the metric."""
+        session = make_session(model)
+        worst = 0.0
+        for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
+            for u, v in zip(ref, session.run(self.names, feed)):
+                u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+                scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
+                worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
+        return worst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidates
+
+
+@dataclass
+class Candidate:
+    """Activations to linearize together; ``entropy`` is their mean; ``saving`` the MACs fusion then removes."""
+
+    acts: tuple[Activation, ...]
+    entropy: float
+    saving: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.acts]
+
+
+def _adjacent(model: onnx.ModelProto, acts: list[Activation]) -> list[list[Activation]]:
+    """Runs of activations along single-consumer chains: b follows a when the first layer after a (through
+    non-layer nodes) feeds b through non-layer nodes only. Runs are in data-flow order."""
+    graph = to_graph(model)
+    tensors = graph.tensors()
+    by_input = {a.input: a for a in acts}
+
+    def next_act(a: Activation) -> Activation | None:
+        t = tensors.get(a.output)
+        layer = None
+        for _ in range(8):  # a few non-layer nodes (BN, Mul/Add, Reshape) at most
+            if t is None or len(t.outputs) != 1:
+                return None
+            n = t.outputs[0]
+            if n.op in LAYER_OPS:
+                layer = n
+                break
+            t = n.outputs[0] if n.outputs else None
+        if layer is None:
+            return None
+        t = layer.outputs[0]
+        for _ in range(8):
+            if t.name in by_input:
+                return by_input[t.name]
+            if len(t.outputs) != 1 or t.outputs[0].op in LAYER_OPS or not t.outputs[0].outputs:
+                return None
+            t = t.outputs[0].outputs[0]
+        return None
+
+    following = {a.name: next_act(a) for a in acts}
+    has_prev = {b.name for b in following.values() if b is not None}
+    runs = []
+    for a in acts:
+        if a.name in has_prev:
+            continue
+        run = [a]
+        while following.get(run[-1].name) is not None and len(run) < len(acts):
+            run.append(following[run[-1].name])
+        runs.append(run)
+    return runs
+
+
+def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: dict[str, float],
+                     macs: Callable[[onnx.ModelProto], int]) -> list[Candidate]:
+    """Contiguous sub-runs (up to MAX_GROUP activations) whose identity linearization lets fusion save MACs,
+    ranked by mean entropy, then by MACs saved."""
+    base = macs(model)
+    out: list[Candidate] = []
+    for run in _adjacent(model, acts):
+        for i in range(len(run)):
+            for j in range(i + 1, min(i + MAX_GROUP, len(run)) + 1):
+                group = tuple(run[i:j])
+                saving = base - macs(linearize_and_fuse(model, list(group), "identity", None).model)
+                if saving > 0:
+                    out.append(Candidate(group, float(np.mean([entropy[a.name] for a in group])), saving))
+    out.sort(key=lambda c: (round(c.entropy, 6), -c.saving))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search
+
+
+@dataclass
+class Trial:
+    """One candidate tried: its activations, the fidelity loss measured, whether it was kept, time spent."""
+
+    acts: list[str]
+    fidelity: float
+    accepted: bool
+    seconds: float
+    macs: int
+    compute_nodes: int
+    refit: list[RefitRecord] = field(default_factory=list)
+    note: str = ""
+
+    def as_report(self) -> dict:
+        return {"activations": self.acts, "fidelity": self.fidelity, "accepted": self.accepted,
+                "seconds": round(self.seconds, 3), "macs": self.macs, "compute_nodes": self.compute_nodes,
+                "refit": [r.as_report() for r in self.refit], **({"note": self.note} if self.note else {})}
+
+
+@dataclass
+class SearchResult:
+    strategy: str
+    model: onnx.ModelProto
+    linearized: list[str]
+    trials: list[Trial]
+    fidelity: Fidelity | None
+    seconds: float
+
+
+@dataclass
+class Search:
+    """Everything a search needs; built once by api.optimize and shared by the strategies."""
+
+    original: onnx.ModelProto  # named original (the reference every fidelity is measured against)
+    exact: onnx.ModelProto  # original with exact fusions only (the starting point)
+    activations: list[Activation]
+    entropy: dict[str, float]
+    fit: CalibrationData
+    check: CalibrationData
+    judge: Judge
+    mode: str = "affine"
+    refit: bool = True
+    max_remove: int | None = None
+    input_shapes: dict[str, tuple[int, ...]] | None = None
+    progress: Callable[[str], None] | None = None
+
+    def macs(self, model: onnx.ModelProto) -> int:
+        return measure(model, 0, self.input_shapes).macs
+
+    def ordered(self, strategy: str) -> list[Candidate]:
+        singles = [Candidate((a,), self.entropy[a.name]) for a in self.activations]
+        singles.sort(key=lambda c: c.entropy)  # stable: ties keep graph order
+        if strategy == "entropy":
+            return singles
+        groups = merge_candidates(self.exact, self.activations, self.entropy, self.macs)
+        grouped = {tuple(c.names) for c in groups}
+        return groups + [c for c in singles if tuple(c.names) not in grouped]
+
+    def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
+        if self.mode != "affine" or not acts:
+            return {}
+        return calibrate(model, acts, self.fit, moments=True)
+
+    def run(self, strategy: str) -> SearchResult:
+        """One greedy pass over the candidates of ``strategy`` (module doc)."""
+        t_start = time.perf_counter()
+        current = self.exact
+        done: list[str] = []
+        trials: list[Trial] = []
+        remaining = list(self.activations)
+        stats = self._stats(current, remaining)
+        best: Fidelity | None = None
+        for cand in self.ordered(strategy):
+            if self.max_remove is not None and len(done) + len(cand.acts) > self.max_remove:
+                continue
+            if any(n in done for n in cand.names):
+                continue
+            t0 = time.perf_counter()
+            fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
+            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits)
+            if built.linearized != len(cand.acts):
+                trials.append(Trial(cand.names, float("nan"), False, time.perf_counter() - t0, 0, 0,
+                                    note="; ".join(built.notes) or "could not be linearized"))
+                continue
+            model = built.model
+            records: list[RefitRecord] = []
+            if self.refit:
+                targets = fused_names(built.fusion, downstream_layers(built.reference, list(cand.acts)), model)
+                model, records = refit_layers(model, self.original, targets, self.fit, self.check,
+                                              batch=self.judge.batch)
+            fid = self.judge(model)
+            cost = measure(model, 0, self.input_shapes)
+            trial = Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,
+                          cost.compute_nodes, records)
+            trials.append(trial)
+            if self.progress:
+                self.progress(f"{strategy}: {'+'.join(cand.names)} loss {fid.value:.4f} "
+                              f"{'kept' if fid.ok else 'undone'}")
+            log.info("trial %s: fidelity loss %.5f (%s)", cand.names, fid.value, "kept" if fid.ok else "undone")
+            if not fid.ok:
+                continue
+            current, best = model, fid
+            done.extend(cand.names)
+            remaining = [a for a in remaining if a.name not in done]
+            stats = self._stats(current, remaining)
+        return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start)
+
