@@ -25,14 +25,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'onnx_easier' has no attribute {name!r}")
 
 __all__ = [
+    "Analysis",
+    "BadArgumentError",
+    "BadDataError",
+    "InvalidModelError",
+    "OnnxEasierError",
+    "Result",
+    "UnsupportedModelError",
+    "VerificationError",
     "analyze",
     "optimize",
-    "Analysis",
-    "Result",
-    "OnnxEasierError",
-    "InvalidModelError",
-    "UnsupportedModelError",
-    "BadDataError",
-    "BadArgumentError",
-    "VerificationError",
 ]

@@ -30,14 +30,13 @@ from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
 from onnx_easier.latency import measure_latency
 from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
 from onnx_easier.select import (
-    HOLDOUT_FRACTION,
-    MAX_HOLDOUT,
     STRATEGIES,
     Judge,
     Search,
     SearchResult,
     fuse_model,
     linearize_and_fuse,
+    split_data,
 )
 
 log = logging.getLogger(__name__)
@@ -252,18 +251,6 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
                 "reference": "original with the chosen activations linearized"}
 
     return out, report, verifier
-
-
-def split_data(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
-    """(fit, check, holdout): the last quarter (at most MAX_HOLDOUT) measures fidelity; of the rest the last fifth
-    decides whether a re-fit is kept. With very few samples the sets overlap (said in the report)."""
-    n = data.samples
-    if n < 8:
-        return data, data, data
-    h = min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION)))
-    rest = n - h
-    c = max(1, rest // 5)
-    return data.subset(0, rest - c), data.subset(rest - c, rest), data.subset(rest, n)
 
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,

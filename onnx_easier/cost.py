@@ -66,7 +66,7 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
     del m.graph.value_info[:]
     try:
         return shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # inference is best effort for cost figures; the model itself was validated on load
+    except Exception:  # noqa: BLE001 - best effort for cost figures; the model itself was validated on load
         return m
 
 

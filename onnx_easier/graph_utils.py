@@ -68,7 +68,7 @@ def remove_node(graph: gs.Graph, node: gs.Node, keep_output_name: bool = True) -
     if is_graph_output(graph, dst):
         prod = producer(src)
         if prod is not None and len(consumers(src)) == 1 and not is_graph_output(graph, src):
-            idx = [i for i, o in enumerate(prod.outputs) if o is src][0]
+            idx = next(i for i, o in enumerate(prod.outputs) if o is src)
             prod.outputs[idx] = dst
             node.inputs.clear()
             node.outputs.clear()

@@ -119,6 +119,19 @@ def fused_names(fusion: FusionResult, originals: list[str], model: onnx.ModelPro
     return out
 
 
+def split_data(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
+    """(fit, check, holdout): the last quarter (at most MAX_HOLDOUT samples) measures fidelity; of the rest, the
+    last fifth decides whether a re-fit is kept. Fewer than 8 samples: the three sets are the same (the report
+    says how many samples each had)."""
+    n = data.samples
+    if n < 8:
+        return data, data, data
+    h = min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION)))
+    rest = n - h
+    c = max(1, rest // 5)
+    return data.subset(0, rest - c), data.subset(rest - c, rest), data.subset(rest, n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fidelity
 
