@@ -823,3 +823,31 @@ def test_fixed_batch_on_second_input_xfail(tmp_path: Path, capsys) -> None:
     calib = {"x": np.ones((4, 3), np.float32), "s": np.ones((4, 1), np.float32)}
     result = optimize_cli(tmp_path, model, calib, "--remove", "0", capsys=capsys)
     check_optimized(model, result, {"x": np.ones((1, 3), np.float32), "s": np.full((1, 1), 2.0, np.float32)})
+
+
+def _zipmap_model(activation: bool) -> onnx.ModelProto:
+    """x -> Gemm [-> Relu] -> Gemm -> y, and ZipMap(y) -> probs of type seq(map(int64, float))."""
+    b = Builder()
+    h = b.gemm(b.input("x", ["N", 3]), 3, 4)
+    if activation:
+        h = b.node("Relu", h)
+    b.node("ZipMap", b.gemm(h, 4, 2, out="y"), out="probs", domain="ai.onnx.ml", classlabels_int64s=[0, 1])
+    b.output("y", ["N", 2])
+    value = helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+    b.outputs.append(helper.make_value_info("probs", helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, value))))
+    return b.model(extra_opsets=(("ai.onnx.ml", 1),))
+
+
+@pytest.mark.xfail(strict=True, reason="a seq(map) graph output loses its type in the gs round trip: with an "
+                   "activation, calibrate's augmented model fails in ORT ('Invalid tensor data type 0', exit 2 'ORT "
+                   "cannot run this model' although ORT runs the input); without, api._finish's strict shape "
+                   "inference raises 'type case mismatch' (exit 1 internal error)")
+@pytest.mark.parametrize("activation", [True, False], ids=["with activation", "without"])
+def test_map_output_xfail(tmp_path: Path, capsys, activation: bool) -> None:
+    model = _zipmap_model(activation)
+    session(model).run(None, {"x": np.ones((2, 3), np.float32)})  # ORT runs it
+    result = optimize_cli(tmp_path, model, {"x": np.ones((8, 3), np.float32)}, "--remove", "0", capsys=capsys)
+    assert result.code == 0, result.err
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.model.graph.output[1].type == model.graph.output[1].type
