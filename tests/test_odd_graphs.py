@@ -573,6 +573,24 @@ def test_if_both_branches(tmp_path: Path, capsys) -> None:
     assert "t" in {o for n in result.model.graph.node for o in n.output}
 
 
+def test_inexact_folds_are_refused(tmp_path: Path, capsys) -> None:
+    """A BN after a conv whose weight another conv also reads, and a BN before a padded conv (its shift would be
+    wrong at the zero-padded border), stay as they are with nothing linearized."""
+    shared = shared_weights_model()
+    result = optimize_cli(tmp_path, shared, calib_for(shared), *MODES["exact"], capsys=capsys, name="shared")
+    out = check_optimized(shared, result, random_feeds(shared, 14))
+    assert ops(out).count("BatchNormalization") == 2
+    (w,) = {n.input[1] for n in shared.graph.node if n.op_type == "Conv"}
+    assert [n.op_type for n in out.graph.node if w in n.input] == ["Conv", "Conv"]
+
+    padded = unfused_bn_model()
+    result = optimize_cli(tmp_path, padded, calib_for(padded), *MODES["exact"], capsys=capsys, name="padded")
+    out = check_optimized(padded, result, random_feeds(padded, 15))
+    first = out.graph.node[0]
+    assert (first.op_type, first.input[0]) == ("BatchNormalization", "x")
+    assert [n.op_type for n in out.graph.node if first.output[0] in n.input] == ["Conv"]
+
+
 def overridable_model() -> onnx.ModelProto:
     """conv1's weight and bn1's scale are initializers *and* graph inputs (the user may feed them)."""
     b = Builder()
