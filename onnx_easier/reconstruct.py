@@ -10,8 +10,10 @@ same name, streamed batch by batch (refit.NormalEquations). Layers are processed
 seeing the changes made to earlier ones. A fit is kept only if it lowers the error on held-out batches that are
 disjoint from the fit batches (and from the fidelity samples the caller keeps apart).
 
-Skipped, with a note: a layer whose output is not an original tensor (e.g. a Conv followed by a bias-map Add),
-whose weights are not constants, whose normal equations exceed the memory bound (refit.RefitTooLarge).
+A Conv followed by a constant bias-map Add (what fusion emits when biases leak into a padded border) is fitted
+through it: the target is the Add's output minus the map, which stays as it is. Skipped, with a note: a layer whose
+output is not an original tensor, whose weights are not constants, whose normal equations exceed the memory bound
+(refit.RefitTooLarge).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class _Site:
     node: gs.Node
     bias_add: gs.Node | None  # MatMul's following Add of a constant bias
     layer: ConvLayer
+    offset: np.ndarray | None  # a Conv's following bias-map Add: a fixed input-independent term, kept as it is
     x: str  # input tensor name
     y: str  # target tensor name (the original model's)
     last: bool  # channel-last tokens ([N, ..., F]): reshape to [N*T, F]
@@ -73,6 +76,15 @@ def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
         return el if isinstance(el, str) else "not a linear layer with constant weights"
     out = node.outputs[0]
     bias_add = None
+    offset = None
+    if node.op == "Conv":
+        reader = single_consumer(graph, out)
+        if reader is not None and reader.op == "Add":
+            other = [t for t in reader.inputs if t is not out]
+            vals = np.asarray(other[0].values) if len(other) == 1 and is_constant(other[0]) else None
+            if vals is not None and vals.ndim >= 3 and vals.shape[0] == 1:
+                offset = vals.astype(np.float64)[0]
+                out = reader.outputs[0]
     if node.op == "MatMul":
         reader = single_consumer(graph, out)
         if reader is not None and reader.op == "Add":
@@ -87,7 +99,7 @@ def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
         bias = np.broadcast_to(np.asarray(bias_add.inputs[1 - bias_add.inputs.index(node.outputs[0])].values,
                                           np.float64), (layer.cout,))
         layer = ConvLayer(layer.weight, layer.bias + bias, layer.strides, layer.dilations, layer.pads, layer.groups)
-    return _Site(node, bias_add, layer, node.inputs[0].name, out.name, last)
+    return _Site(node, bias_add, layer, offset, node.inputs[0].name, out.name, last)
 
 
 def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer) -> None:
@@ -127,23 +139,57 @@ def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer) -> None:
             graph.nodes.append(gs.Node("Add", f"{base}/refit_bias", inputs=[mid, bias], outputs=[y]))
 
 
-def _pairs(current: onnx.ModelProto, original: onnx.ModelProto, x: str, y: str, data: CalibrationData,
-           last: bool, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(layer input from the current model, target from the original) per batch."""
+class Targets:
+    """The original model's tensors per batch, computed once per (tensor, data set) and kept while they fit in
+    ``max_bytes`` (least recently used first out); above that they are recomputed batch by batch."""
+
+    def __init__(self, original: onnx.ModelProto, max_bytes: int = 256 * 2**20) -> None:
+        self.original = original
+        self.max_bytes = max_bytes
+        self._store: dict[tuple[str, int], list[np.ndarray]] = {}
+        self._bytes = 0
+
+    def batches(self, name: str, data: CalibrationData, batch: int) -> Iterator[np.ndarray]:
+        key = (name, id(data))
+        if key in self._store:
+            self._store[key] = self._store.pop(key)  # most recently used last
+            yield from self._store[key]
+            return
+        session = make_session(augment(self.original, [name]))
+        kept: list[np.ndarray] | None = []
+        size = 0
+        for feed in data.batches(batch):
+            y = session.run([name], feed)[0]
+            size += y.nbytes
+            if kept is not None:
+                kept = kept + [y] if size <= self.max_bytes else None
+            yield y
+        if kept is not None:
+            while self._store and self._bytes + size > self.max_bytes:
+                self._bytes -= sum(a.nbytes for a in self._store.pop(next(iter(self._store))))
+            self._store[key] = kept
+            self._bytes += size
+
+
+def _pairs(current: onnx.ModelProto, targets: Targets, site: _Site, data: CalibrationData,
+           batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(layer input from the current model, target from the original minus the layer's fixed offset) per batch."""
+    x, y, last = site.x, site.y, site.last
     sc = make_session(augment(current, [x]))
-    so = make_session(augment(original, [y]))
-    for feed in data.batches(batch):
+    for feed, yv in zip(data.batches(batch), targets.batches(y, data, batch)):
         xv = sc.run([x], feed)[0]
-        yv = so.run([y], feed)[0]
         if last:
             xv = xv.reshape(-1, xv.shape[-1])
             yv = yv.reshape(-1, yv.shape[-1])
-        yield xv.astype(np.float64), yv.astype(np.float64)
+        yv = yv.astype(np.float64)
+        if site.offset is not None:
+            yv = yv - site.offset
+        yield xv.astype(np.float64), yv
 
 
 def refit_layers(
     model: onnx.ModelProto,
-    original: onnx.ModelProto,
+    original: onnx.ModelProto | Targets,
     nodes: list[str],
     fit: CalibrationData,
     check: CalibrationData,
@@ -154,11 +200,13 @@ def refit_layers(
 ) -> tuple[onnx.ModelProto, list[RefitRecord]]:
     """Re-fit the layer nodes named ``nodes`` of ``model`` (topological order) to ``original``'s tensors.
 
+    ``original`` may be a ``Targets`` cache shared across calls (the original's tensors are then computed once).
     ``fit`` gives the normal equations; ``check`` (disjoint samples) decides whether each fit is kept; ``batch``
     samples per ORT run (the model's fixed batch size when it has one).
     Returns the new model and one record per layer tried.
     """
-    original_names = {o for n in original.graph.node for o in n.output}
+    targets = original if isinstance(original, Targets) else Targets(original)
+    original_names = {o for n in targets.original.graph.node for o in n.output}
     records: list[RefitRecord] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     for name in sorted(set(nodes), key=lambda n: order.get(n, 1 << 30)):
@@ -175,8 +223,8 @@ def refit_layers(
             continue
         t0 = time.perf_counter()
         try:
-            new, res = fit_layer(site.layer, _pairs(model, original, site.x, site.y, fit, site.last, batch),
-                                 _pairs(model, original, site.x, site.y, check, site.last, batch), ridge=ridge,
+            new, res = fit_layer(site.layer, _pairs(model, targets, site, fit, batch),
+                                 _pairs(model, targets, site, check, batch), ridge=ridge,
                                  max_positions_per_batch=max_positions)
         except RefitTooLarge as exc:
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnx_easier.activations import Activation, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
@@ -35,12 +36,13 @@ from onnx_easier.fidelity import Fidelity, FidelityAccumulator
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.linearize import linearize
-from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, refit_layers
+from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "entropy", "merge")
 MAX_GROUP = 3  # activations per merge candidate
+REFIT_DEPTH = 1  # re-fit the first layer(s) downstream of a linearized activation (2 helped little, cost 2x)
 HOLDOUT_FRACTION = 0.25
 MAX_HOLDOUT = 1024
 
@@ -82,9 +84,9 @@ def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str
     return Built(fused, reference, result, lin.changed, lin.notes)
 
 
-def downstream_layers(reference: onnx.ModelProto, acts: list[Activation]) -> list[str]:
-    """Names of the first layer nodes (Conv/Gemm/MatMul) reached from each activation's output (or, when the
-    identity linearization removed that tensor, its input), through any non-layer nodes."""
+def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth: int = REFIT_DEPTH) -> list[str]:
+    """Names of the layer nodes (Conv/Gemm/MatMul) within ``depth`` layers downstream of each activation's output
+    (or, when the identity linearization removed that tensor, its input), through any non-layer nodes."""
     graph = to_graph(reference)
     tensors = graph.tensors()
     found: list[str] = []
@@ -92,18 +94,24 @@ def downstream_layers(reference: onnx.ModelProto, acts: list[Activation]) -> lis
         start = tensors.get(act.output) or tensors.get(act.input)
         if start is None:
             continue
-        todo, seen = [start], set()
-        while todo:
-            t = todo.pop()
-            for n in t.outputs:
-                if id(n) in seen:
-                    continue
-                seen.add(id(n))
-                if n.op in LAYER_OPS:
-                    if n.name not in found:
-                        found.append(n.name)
-                else:
-                    todo.extend(n.outputs)
+        frontier, seen = [start], set()
+        for _ in range(depth):
+            layers: list[gs.Node] = []
+            todo = list(frontier)
+            while todo:
+                t = todo.pop()
+                for n in t.outputs:
+                    if id(n) in seen:
+                        continue
+                    seen.add(id(n))
+                    if n.op in LAYER_OPS:
+                        layers.append(n)
+                    else:
+                        todo.extend(n.outputs)
+            for n in layers:
+                if n.name not in found:
+                    found.append(n.name)
+            frontier = [o for n in layers for o in n.outputs]
     return found
 
 
@@ -294,6 +302,9 @@ class Search:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     progress: Callable[[str], None] | None = None
 
+    def __post_init__(self) -> None:
+        self.targets = Targets(self.original)
+
     def macs(self, model: onnx.ModelProto) -> int:
         return measure(model, 0, self.input_shapes).macs
 
@@ -336,7 +347,7 @@ class Search:
             records: list[RefitRecord] = []
             if self.refit:
                 targets = fused_names(built.fusion, downstream_layers(built.reference, list(cand.acts)), model)
-                model, records = refit_layers(model, self.original, targets, self.fit, self.check,
+                model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                               batch=self.judge.batch)
             fid = self.judge(model)
             cost = measure(model, 0, self.input_shapes)
