@@ -1,6 +1,7 @@
 """Run the property tests of tests/test_properties.py with many more (random, not derandomized) examples.
 
-    python tools/property_long.py --examples 500 [--seed S] [--minutes M] [--property exact|identity|both]
+    python tools/property_long.py --examples 500 [--seed S] [--minutes M] [--max-blocks B]
+                                  [--property exact|identity|both]
 
 Each property runs until ``--examples`` examples pass or ``--minutes`` is spent (whichever comes first); a failure
 is shrunk by hypothesis and printed as the minimal falsifying Chain (paste it into a regular test to reproduce).
@@ -26,7 +27,7 @@ class _Budget(Exception):
     """Raised inside a test body once the time budget is spent, to stop generation early."""
 
 
-def run_property(name: str, examples: int, minutes: float, rng_seed: int) -> tuple[bool, int, float]:
+def run_property(name: str, examples: int, minutes: float, rng_seed: int, max_blocks: int) -> tuple[bool, int, float]:
     """Run one property; return (held, examples run, seconds)."""
     deadline = time.monotonic() + 60 * minutes
     count = 0
@@ -46,9 +47,9 @@ def run_property(name: str, examples: int, minutes: float, rng_seed: int) -> tup
         props.check_identity(chain, k)
 
     if name == "exact":
-        test = given(props.chains())(exact)
+        test = given(props.chains(max_blocks))(exact)
     else:
-        test = given(props.chains(), st.integers(1, 8))(identity)
+        test = given(props.chains(max_blocks), st.integers(1, 2 * max_blocks))(identity)
     cfg = settings(props.property_settings(examples, derandomize=False), print_blob=True)
     test = seed(rng_seed)(cfg(test))
     t0 = time.perf_counter()
@@ -68,13 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=500, help="examples per property (default 500)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget per property (default 10)")
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    p.add_argument("--max-blocks", type=int, default=6, help="longest chain, in blocks (default 6; the tests use 4)")
     p.add_argument("--property", choices=("exact", "identity", "both"), default="both")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)  # '--remove K: only N activations' warnings, one per example
     names = ["exact", "identity"] if args.property == "both" else [args.property]
     ok = True
     for name in names:
-        held, count, seconds = run_property(name, args.examples, args.minutes, args.seed)
+        held, count, seconds = run_property(name, args.examples, args.minutes, args.seed, args.max_blocks)
         print(f"[{name}] {'held' if held else 'FAILED'}: {count} examples in {seconds:.1f}s (seed {args.seed})")
         ok &= held
     return 0 if ok else 1
