@@ -35,6 +35,7 @@ from onnx_easier.select import (
     Search,
     SearchResult,
     fuse_model,
+    kept_nodes,
     linearize_and_fuse,
     split_data,
 )
@@ -226,7 +227,7 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
     if remove > len(analysis.activations):
         log.warning("--remove %d: the model has only %d activations; linearizing all", remove, len(chosen))
     fits = {a.name: analysis.stats[a.name].affine_fit() for a in chosen} if mode == "affine" else None
-    built = linearize_and_fuse(analysis.model, chosen, mode, fits)
+    built = linearize_and_fuse(analysis.model, chosen, mode, fits, kept_nodes(analysis.activations, chosen))
     out = _finish(analysis, built.model)
     err = max_relative_error(built.reference, out, analysis.data)
     if err > EXACT_RTOL:
@@ -259,7 +260,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     fit, check, holdout = split_data(analysis.data)
     batch = fixed_batch(input_specs(analysis.model)) or min(32, holdout.samples)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
-    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model)
+    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations))
     exact_model = _finish(analysis, exact_model)
     err = judge.max_relative_error(exact_model)
     if err > EXACT_RTOL:

@@ -27,7 +27,7 @@ tensor ``input`` and writes the original tensor ``output``, replacing the origin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -58,8 +58,28 @@ class FusionResult:
         return sum(r.changed for r in self.results)
 
 
-def fuse(graph: gs.Graph, max_rounds: int = MAX_ROUNDS) -> FusionResult:
-    """Run the fusion pipeline on ``graph`` in place, repeated until a round changes nothing (or ``max_rounds``)."""
+PROTECTED_DOMAIN = "onnx_easier.protected"  # a domain no pass recognises: marked nodes are left alone
+
+
+def fuse(graph: gs.Graph, max_rounds: int = MAX_ROUNDS, protected: Collection[str] = ()) -> FusionResult:
+    """Run the fusion pipeline on ``graph`` in place, repeated until a round changes nothing (or ``max_rounds``).
+
+    ``protected``: names of nodes no pass may absorb or rewrite, e.g. the nodes of activations that stay
+    nonlinear (a decomposed GELU's trailing ``Mul`` by 0.5 is linear and would otherwise fuse into the next layer,
+    leaving an activation that no longer has its output tensor). They are marked with a private domain, which
+    every pass refuses, for the duration of the call.
+    """
+    marked = [(n, n.domain) for n in graph.nodes if n.name in set(protected)]
+    for n, _ in marked:
+        n.domain = PROTECTED_DOMAIN
+    try:
+        return _fuse(graph, max_rounds)
+    finally:
+        for n, domain in marked:
+            n.domain = domain
+
+
+def _fuse(graph: gs.Graph, max_rounds: int) -> FusionResult:
     ctx = FusionContext()
     out = FusionResult(mapping=ctx.mapping)
     for _ in range(max_rounds):

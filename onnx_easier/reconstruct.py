@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_easier.activations import infer_shapes
 from onnx_easier.calibrate import augment
 from onnx_easier.data import CalibrationData
 from onnx_easier.graph_utils import is_constant, single_consumer
@@ -210,7 +211,7 @@ def refit_layers(
     records: list[RefitRecord] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     for name in sorted(set(nodes), key=lambda n: order.get(n, 1 << 30)):
-        graph = to_graph(model)
+        graph = to_graph(infer_shapes(model))  # recognising a layer needs the ranks of its tensors
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None:
             continue
@@ -235,6 +236,7 @@ def refit_layers(
         if res.accepted:
             _write_back(graph, site, new)
             model = to_model(graph, model)
+            del model.graph.value_info[:]
         log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before, res.error_after,
                  "kept" if res.accepted else "rejected", seconds)
     return model, records

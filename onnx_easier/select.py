@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,26 +62,36 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
-def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionResult]:
-    """Shape inference -> fusion passes -> export (value_info dropped: it may be stale after rewrites)."""
+def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto,
+               protected: Collection[str] = ()) -> tuple[onnx.ModelProto, FusionResult]:
+    """Shape inference -> fusion passes (``protected`` nodes untouched) -> export (value_info dropped: it may be
+    stale after rewrites)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = to_graph(inferred)
-    result = fuse(graph)
+    result = fuse(graph, protected=protected)
     out = to_model(graph, template)
     del out.graph.value_info[:]
     return out, result
 
 
 def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str,
-                       fits: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> Built:
-    """Linearize ``acts`` in ``model`` (identity or affine with ``fits``), then fuse. Shapes are inferred first:
-    the affine map needs the rank of each pre-activation tensor."""
+                       fits: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+                       protected: Collection[str] = ()) -> Built:
+    """Linearize ``acts`` in ``model`` (identity or affine with ``fits``), then fuse, leaving the ``protected``
+    nodes (those of the activations that stay) alone. Shapes are inferred first: the affine map needs the rank of
+    each pre-activation tensor."""
     graph = to_graph(infer_shapes(model))
     lin = linearize(graph, acts, mode, fits)
     reference = to_model(graph, model)
     del reference.graph.value_info[:]
-    fused, result = fuse_model(reference, model)
+    fused, result = fuse_model(reference, model, protected)
     return Built(fused, reference, result, lin.changed, lin.notes)
+
+
+def kept_nodes(acts: list[Activation], removed: Collection[Activation] = ()) -> set[str]:
+    """Node names of the activations in ``acts`` that are not in ``removed`` (they must stay intact)."""
+    gone = {a.name for a in removed}
+    return {n for a in acts if a.name not in gone for n in a.nodes}
 
 
 def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth: int = REFIT_DEPTH) -> list[str]:
@@ -245,7 +255,8 @@ def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: di
         for i in range(len(run)):
             for j in range(i + 1, min(i + MAX_GROUP, len(run)) + 1):
                 group = tuple(run[i:j])
-                saving = base - macs(linearize_and_fuse(model, list(group), "identity", None).model)
+                others = kept_nodes(acts, group)
+                saving = base - macs(linearize_and_fuse(model, list(group), "identity", None, others).model)
                 if saving > 0:
                     out.append(Candidate(group, float(np.mean([entropy[a.name] for a in group])), saving))
     out.sort(key=lambda c: (round(c.entropy, 6), -c.saving))
@@ -338,7 +349,8 @@ class Search:
                 continue
             t0 = time.perf_counter()
             fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
-            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits)
+            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits,
+                                       kept_nodes(remaining, cand.acts))
             if built.linearized != len(cand.acts):
                 trials.append(Trial(cand.names, float("nan"), False, time.perf_counter() - t0, 0, 0,
                                     note="; ".join(built.notes) or "could not be linearized"))
