@@ -82,13 +82,20 @@ _TWO_GB = 2**31 - 1
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with ONNX shape inference applied (value_info filled in), or ``model`` unchanged when inference
-    fails or the model is over 2 GB. Run it before ``model_io.to_graph`` so that ``Activation.channels`` is known."""
+    """A copy of the model whose MAIN graph's value_info is filled in by ONNX shape inference (subgraphs, node
+    attributes and graph inputs/outputs stay exactly as they were: inference would rewrite a Loop body's unknown
+    dims), or ``model`` unchanged when inference fails or the model is over 2 GB. Run it before
+    ``model_io.to_graph`` so that ranks and ``Activation.channels`` are known."""
     if model.ByteSize() >= _TWO_GB:
         _LOG.warning("shape inference skipped: the model is over 2 GB; channel counts may be unknown")
         return model
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(inferred.graph.value_info)
+        return out
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         _LOG.warning("shape inference failed (%s); channel counts may be unknown", first)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -92,7 +94,24 @@ def _setup_logging(verbose: bool, quiet: bool) -> Console:
     return console
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
+class Interrupts:
+    """SIGINT bookkeeping: the handler records the interrupt before raising KeyboardInterrupt, so an interrupt
+    that Python swallows (raised inside a finalizer or weakref callback) still stops the tool before it writes."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if an interrupt arrived at any time, even a swallowed one."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | None = None) -> int:
     """Do the job described by parsed ``args``; raise OnnxEasierError on bad input."""
     from onnx_easier import api, report
     from onnx_easier.data import parse_input_shapes
@@ -119,12 +138,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress)
         rep = result.report
         rep["output"] = args.output
+        if interrupts is not None:
+            interrupts.check()
         try:
             result.write(args.output, keep_failed=args.keep_failed)
-        finally:
-            _write_reports(rep, args.report)
-    if args.output is None:
-        _write_reports(rep, args.report)
+        except OnnxEasierError:
+            _write_reports(rep, args.report)  # a failed verification is reported (not on an interrupt)
+            raise
+    _write_reports(rep, args.report)
     if not args.quiet:
         report.print_report(rep, Console())
     return 0
@@ -145,8 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnx-easier`` command."""
     args = build_parser().parse_args(argv)
     console = _setup_logging(args.verbose, args.quiet)
+    interrupts = Interrupts()
+    previous = signal.getsignal(signal.SIGINT)
+    installed = threading.current_thread() is threading.main_thread()
+    hook = sys.unraisablehook
+    if installed:
+        signal.signal(signal.SIGINT, interrupts.handler)
+        # an interrupt raised inside a finalizer cannot propagate: it is recorded (and acted on before writing),
+        # so Python's "Exception ignored" traceback would only be noise
+        sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
     try:
-        return run(args, console)
+        return run(args, console, interrupts)
     except OnnxEasierError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -161,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"onnx-easier: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                       markup=False, highlight=False, soft_wrap=True)
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+            sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

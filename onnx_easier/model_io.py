@@ -131,6 +131,11 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if over:
         names = {i.name for i in model.graph.input}
         model.graph.initializer.extend(t for t in original.graph.initializer if t.name in over and t.name in names)
+    kinds = {o.name: o.type for o in original.graph.output}
+    for out in model.graph.output:  # gs keeps tensor types only: restore sequence / map / optional outputs
+        t = kinds.get(out.name)
+        if t is not None and not t.HasField("tensor_type"):
+            out.type.CopyFrom(t)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name or "onnx-easier"
     model.producer_version = original.producer_version

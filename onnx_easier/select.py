@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx_easier.activations import Activation, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
-from onnx_easier.data import CalibrationData
+from onnx_easier.data import CalibrationData, fixed_batch, input_specs
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.model_io import make_session, to_graph, to_model
@@ -66,8 +66,7 @@ def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto,
                protected: Collection[str] = ()) -> tuple[onnx.ModelProto, FusionResult]:
     """Shape inference -> fusion passes (``protected`` nodes untouched) -> export (value_info dropped: it may be
     stale after rewrites)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = to_graph(inferred)
+    graph = to_graph(infer_shapes(model))
     result = fuse(graph, protected=protected)
     out = to_model(graph, template)
     del out.graph.value_info[:]
@@ -175,15 +174,31 @@ class Judge:
         return acc.result()
 
     def max_relative_error(self, model: onnx.ModelProto) -> float:
-        """max over outputs of max|y_orig - y| / max(1, max|y_orig|): exactness, independent of the metric."""
+        """``output_error`` of ``model`` against the original on the held-out samples (metric-independent)."""
         session = make_session(model)
-        worst = 0.0
-        for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
-            for u, v in zip(ref, session.run(self.names, feed)):
-                u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
-                scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
-                worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
-        return worst
+        return max((output_error(ref, session.run(self.names, feed))
+                    for ref, feed in zip(self.reference, self.holdout.batches(self.batch))), default=0.0)
+
+
+def output_error(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+    """max over outputs of max|r - c| / max(1, max|r|): the exactness measure of rewrites (float64 arithmetic)."""
+    worst = 0.0
+    for u, v in zip(ref, cand):
+        u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
+        worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
+    return worst
+
+
+def run_batch(model: onnx.ModelProto, data: CalibrationData, preferred: int) -> int:
+    """Samples per ORT run: the model's fixed batch size (any input's axis 0), 1 with scalar inputs, else
+    ``preferred`` (at most the sample count)."""
+    fixed = fixed_batch(input_specs(model))
+    if fixed:
+        return fixed
+    if data.scalars:
+        return 1
+    return max(1, min(preferred, data.samples))
 
 
 # ---------------------------------------------------------------------------------------------------------------
