@@ -3,8 +3,8 @@ opsets 17, 18 and 20, static and dynamic shapes, and skl2onnx. Each export must 
 equivalent to itself and ``--remove K --linearize identity`` equal to the export with an Identity swapped in for
 the K activations the report marks "linearized" (see test_odd_graphs.identity_reference).
 
-tf2onnx needs tensorflow (hundreds of MB) and paddle2onnx pins onnx <= 1.17 and needs paddlepaddle, so neither
-is exercised here.
+tf2onnx needs tensorflow (hundreds of MB): its exports are made once by tools/export_tf2onnx.py, committed, and
+tested in test_exporters_tf.py. paddle2onnx pins onnx <= 1.17 and needs paddlepaddle: not exercised.
 """
 from __future__ import annotations
 
