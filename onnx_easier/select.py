@@ -164,13 +164,13 @@ class Judge:
         self.batch = batch
         session = make_session(original)
         self.names = [o.name for o in session.get_outputs()]
-        self.reference = [session.run(self.names, feed) for feed in holdout.batches(batch)]
+        self.reference = [[as_array(v) for v in session.run(self.names, feed)] for feed in holdout.batches(batch)]
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
         session = make_session(model)
         acc = FidelityAccumulator(self.metric, self.tolerance)
         for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
-            acc.update(ref, session.run(self.names, feed))
+            acc.update(ref, [as_array(v) for v in session.run(self.names, feed)])
         return acc.result()
 
     def max_relative_error(self, model: onnx.ModelProto) -> float:
@@ -180,11 +180,20 @@ class Judge:
                     for ref, feed in zip(self.reference, self.holdout.batches(self.batch))), default=0.0)
 
 
-def output_error(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+def as_array(value: object) -> np.ndarray:
+    """An ORT output as an array: tensors as they are; a sequence of maps (skl2onnx's ZipMap: one {label: prob}
+    per sample) as [N, K] with the keys in sorted order."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        keys = sorted(value[0])
+        return np.array([[d[k] for k in keys] for d in value], dtype=np.float64)
+    return np.asarray(value)
+
+
+def output_error(ref: list, cand: list) -> float:
     """max over outputs of max|r - c| / max(1, max|r|): the exactness measure of rewrites (float64 arithmetic)."""
     worst = 0.0
     for u, v in zip(ref, cand):
-        u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        u64, v64 = as_array(u).astype(np.float64), as_array(v).astype(np.float64)
         scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
         worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
     return worst

@@ -260,10 +260,6 @@ def test_skl2onnx_scaler_pipeline_fuses(tmp_path: Path, capsys, digits) -> None:
     assert ops(lin.model).count("MatMul") + ops(lin.model).count("Gemm") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a graph output of type seq(map) (skl2onnx's default ZipMap) does not survive "
-                   "the gs round trip: with an activation calibrate's augmented model fails to load in ORT ('Invalid "
-                   "tensor data type 0', reported as exit 2 'ORT cannot run this model' although ORT runs the input); "
-                   "see test_map_output_xfail in test_odd_graphs for the minimal graph")
 def test_skl2onnx_default_zipmap(tmp_path: Path, capsys, digits) -> None:
     pytest.importorskip("skl2onnx")
     x, y = digits

@@ -845,12 +845,8 @@ def _zipmap_model(activation: bool) -> onnx.ModelProto:
     return b.model(extra_opsets=(("ai.onnx.ml", 1),))
 
 
-@pytest.mark.xfail(strict=True, reason="a seq(map) graph output loses its type in the gs round trip: with an "
-                   "activation, calibrate's augmented model fails in ORT ('Invalid tensor data type 0', exit 2 'ORT "
-                   "cannot run this model' although ORT runs the input); without, api._finish's strict shape "
-                   "inference raises 'type case mismatch' (exit 1 internal error)")
 @pytest.mark.parametrize("activation", [True, False], ids=["with activation", "without"])
-def test_map_output_xfail(tmp_path: Path, capsys, activation: bool) -> None:
+def test_map_output(tmp_path: Path, capsys, activation: bool) -> None:
     model = _zipmap_model(activation)
     session(model).run(None, {"x": np.ones((2, 3), np.float32)})  # ORT runs it
     result = optimize_cli(tmp_path, model, {"x": np.ones((8, 3), np.float32)}, "--remove", "0", capsys=capsys)
