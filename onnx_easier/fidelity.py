@@ -8,7 +8,7 @@ selection loop keeps a change only while ``loss <= tolerance`` (default 0.01).
 
     flip = 1 - (1/N) * #{n : argmax_k R[n] == argmax_k C[n]}               (share of top-1 classes that changed)
     KL   = (1/N) * sum_n sum_k p[n,k] (log p[n,k] - log q[n,k]),  p = softmax(R[n]), q = softmax(C[n])   (nats)
-    loss = max(flip, KL_COEF * sqrt(KL)),  KL_COEF = 0.14 per sqrt(nat)
+    loss = max(flip, KL_COEF * sqrt(KL)),  KL_COEF = 0.11 per sqrt(nat)
 
 Why KL: calibration data is often training data, on which the original is ~100% confident, so top-1 agreement
 barely moves until the damage is large. KL(original || candidate) measures how much of the original's
@@ -22,10 +22,15 @@ accuracy drop) pairs from two digits classifiers (a MobileNetV2-style CNN: KL 0.
 2.4 points; a 3-hidden-layer MLP with ReLUs partly replaced by identity, KL 0.003 to 0.38 -> 0.4 to 9.3
 points) fit ``points = 13.4 * KL^0.52``; least squares with the exponent fixed at 1/2 gives
 ``points = 14.4 * sqrt(KL)`` (rms error 0.6 points), against ``points = 31 * KL`` (rms 1.1 points, 30 points
-predicted where 8 were lost) for a linear scale. Rounded: KL_COEF = 0.14, so tolerance 0.01 accepts mean KL
-up to 0.0051 (the CNN's 0.0065 gives loss 0.011, its 0.026 gives 0.023), 0.02 accepts 0.020, 0.05 accepts
-0.13. Two small models on one data set: an estimate, not a law; ``flip`` keeps the loss honest once classes
-do flip. The raw numbers (``top1_agreement``, ``mean_kl``, ``flip_loss``, ``kl_loss``) are kept in
+predicted where 8 were lost) for a linear scale: KL_COEF = 0.144. A wider study on the six example models
+(tools/calibrate_metric.py, results in tools/calibrate_metric.md: 187 variants of VGG, ResNet, MobileNetV2 at two
+widths and two GELU token models, random subsets of activations linearized with and without re-fit, KL on the
+held-out calibration samples exactly as the tool measures it, accuracy on the test split) fits
+``points = c * sqrt(KL)`` with c from 3.6 to 14.4 per model (pooled 7.1): the MLP's value is the strictest model's.
+KL_COEF = 0.11 is the 80th percentile of the per-model fits: at tolerance 0.01 (mean KL up to 0.0083) the
+largest test loss of any accepted variant of any model was 1.3 points and the mean 0.1-0.2; 0.07 (the
+pooled fit) accepts KL up to 0.02: worst case 1.5 points at tolerance 0.01, 3.7 points at 0.02. An estimate from
+small models on one data set, not a law; ``flip`` keeps the loss honest once classes do flip. The raw numbers (``top1_agreement``, ``mean_kl``, ``flip_loss``, ``kl_loss``) are kept in
 ``Fidelity.components``.
 
 Logits or probabilities: an output whose reference rows are all non-negative and sum to 1 (within 1e-3) is
@@ -56,7 +61,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("agreement", "cosine", "rel-l2")
 DEFAULT_TOLERANCE = 0.01
-KL_COEF = 0.14  # loss per sqrt(nat) of mean KL(original || candidate): 0.01 loss ~ one point (module doc)
+KL_COEF = 0.11  # loss per sqrt(nat) of mean KL(original || candidate): 0.01 loss ~ one point (module doc)
 PROB_ATOL = 1e-3  # rows within this of summing to 1 (and non-negative) are probabilities
 TRAINING_CONFIDENCE = 0.99  # mean top-1 confidence at or above which the data look like training data
 _LOG_FLOOR = 1e-30  # probabilities are clipped here before the log: bounds KL when a candidate says 0
