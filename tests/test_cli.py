@@ -218,6 +218,20 @@ def test_read_only_output_folder(files, capsys) -> None:
         ro.chmod(0o755)
 
 
+def test_read_only_output_folder_as_root_too(files, capsys, monkeypatch) -> None:
+    """root may write anywhere, so the permission is simulated: the CLI must ask os.access before any work."""
+    import onnx_easier.cli as cli
+
+    ro = files["dir"] / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    before = snapshot(files["dir"])
+    code, _, err = run_cli([files["model"], ro / "out.onnx", "--data", files["data"]], capsys)
+    _assert_refused(code, err, files["dir"], before, "not writable")
+    assert list(ro.iterdir()) == []
+
+
 @pytest.mark.parametrize("spec", ["x", "x:", "x:1,a,3", ":1,2", "x:1,-3,6,6"])
 def test_malformed_input_shape(files, capsys, spec: str) -> None:
     before = snapshot(files["dir"])
