@@ -148,6 +148,28 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _default_mode(fd_or_path: int | str) -> None:
+    """Give a temporary file the mode a newly created file would have (0666 minus the umask; mkstemp makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(fd_or_path, 0o666 & ~mask)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then os.replace): readers see the
+    old file or the new one, never a part; on any failure (or KeyboardInterrupt) nothing is left behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        _default_mode(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike,
                check: Callable[[str], None] | None = None) -> None:
     """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then os.replace.
@@ -159,6 +181,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    _default_mode(fd)
     os.close(fd)
     try:
         if model.ByteSize() < _TWO_GB:

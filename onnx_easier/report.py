@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from onnx_easier.model_io import write_atomically
 
 _COST_ROWS = ("nodes", "compute_nodes", "activations", "depth", "params", "macs")
 
@@ -76,14 +76,5 @@ def print_report(report: dict, console: Console) -> None:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the report atomically (model_io.write_atomically)."""
+    write_atomically(path, (json.dumps(report, indent=2) + "\n").encode())

@@ -13,8 +13,8 @@ import html
 import logging
 import math
 import os
-import tempfile
-from pathlib import Path
+
+from onnx_easier.model_io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -279,15 +279,6 @@ def render_html(report: dict) -> str:
 
 
 def write_html(report: dict, path: str | os.PathLike) -> None:
-    """Write the page atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    page = render_html(report)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the page atomically (model_io.write_atomically)."""
+    write_atomically(path, render_html(report).encode("utf-8"))
     log.info("wrote the HTML report to %s (%d activations)", path, len(report.get("activations") or []))

@@ -1,6 +1,7 @@
 """model_io: validation on load, Constant nodes -> initializers, overridable initializers, atomic saves."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,9 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path: Path) -> None:
     save_model(m, out)
     assert onnx.load(str(out)).graph.node[0].op_type == "MatMul"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal new file, not mkstemp's 0600
 
 
 def test_external_data_model_loads(tmp_path: Path) -> None:
