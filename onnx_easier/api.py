@@ -180,6 +180,7 @@ def optimize(
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool = False,
+    on_step: Callable[[str], None] | None = None,
 ) -> Result:
     """Make ``model`` shallower.
 
@@ -190,6 +191,7 @@ def optimize(
 
     ``remove=K`` (the paper's mode): linearize exactly the K lowest-entropy activations, fuse, no re-fit, no
     fidelity budget. Either way the fused model is checked against its unfused reference (fusions are exact).
+    ``progress`` shows calibration progress bars; ``on_step(message)`` is called once per search trial and long step.
     """
     if linearize_mode not in LINEARIZE_MODES:
         raise BadArgumentError(f"--linearize must be one of {', '.join(LINEARIZE_MODES)}, not {linearize_mode!r}")
@@ -213,7 +215,7 @@ def optimize(
     else:
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
-                                   shapes=shapes, progress=progress)
+                                   shapes=shapes, on_step=on_step)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return Result(out, report, analysis, verifier)
 
@@ -284,7 +286,7 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict,
-                 progress: bool) -> tuple[onnx.ModelProto, dict, Callable]:
+                 on_step: Callable[[str], None] | None) -> tuple[onnx.ModelProto, dict, Callable]:
     fit, check, holdout = split_data(analysis.data)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
@@ -297,7 +299,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                                 "nothing was written. Please report this model.")
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, (lambda msg: log.info("%s", msg)) if progress else None)
+                    max_remove, shapes, on_step)
     results: list[SearchResult] = []
     if tolerance > 0 and analysis.activations and max_remove != 0:
         for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
@@ -308,6 +310,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     feeds = next(analysis.data.batches(lat_batch, drop_last=True))
     models = {"original": analysis.model, "exact": exact_model}
     models.update({f"search:{r.strategy}": _finish(analysis, r.model) for r in results if r.linearized})
+    if on_step:
+        on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
     lat = measure_latency(models, feeds, provider=provider)
     ranked = sorted((k for k in models if k != "original"),
                     key=lambda k: (lat[k].median_ms, measure(models[k], 0, shapes).macs))

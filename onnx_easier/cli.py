@@ -135,7 +135,9 @@ def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | Non
         result = api.optimize(args.input, args.data, tolerance=args.tolerance, metric=args.metric,
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
                               linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
-                              samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress)
+                              samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
+                              on_step=(lambda msg: console.print(msg, markup=False, highlight=False))
+                              if progress else None)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:

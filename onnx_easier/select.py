@@ -391,7 +391,7 @@ class Search:
                           cost.compute_nodes, records)
             trials.append(trial)
             if self.progress:
-                self.progress(f"{strategy}: {'+'.join(cand.names)} loss {fid.value:.4f} "
+                self.progress(f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: loss {fid.value:.4f} "
                               f"{'kept' if fid.ok else 'undone'}")
             log.info("trial %s: fidelity loss %.5f (%s)", cand.names, fid.value, "kept" if fid.ok else "undone")
             if not fid.ok:
