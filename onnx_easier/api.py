@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from onnx_easier import __version__
@@ -238,6 +237,11 @@ def _finish(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _passes(results: list) -> list[dict]:
+    """The report's "passes": one entry per PassResult, in order."""
+    return [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in results]
+
+
 def exact_rtol(model: onnx.ModelProto) -> float:
     """Relative error allowed for "exact" rewrites: 1e-4 in float32/64; rounding of the lowest-precision float
     type the model computes in otherwise (4 ulps at 1: float16 3.9e-3, bfloat16 3.1e-2)."""
@@ -270,7 +274,7 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
     report["linearize"] = mode
     report["remove"] = remove
     report["after"] = measure(out, len(analysis.activations) - len(chosen), shapes).as_report()
-    report["passes"] = [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in built.fusion.results]
+    report["passes"] = _passes(built.fusion.results)
     report["fused_layers"] = {k: v._asdict() for k, v in built.fusion.mapping.items()}
     report["exactness"] = {"reference": "original with the chosen activations linearized, nothing fused",
                            "max_relative_error": err, "rtol": rtol,
@@ -327,12 +331,11 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     linearized = set(result.linearized) if result else set()
     fidelity = judge(out)
 
-    tried: dict[str, float] = {}
-    for r in results:
+    tried: dict[str, float] = {}  # the fidelity each activation had when first tried by the strategy kept
+    for r in [result] if result else results:
         for t in r.trials:
-            if r is result or not result:
-                for n in t.acts:
-                    tried.setdefault(n, t.fidelity)
+            for n in t.acts:
+                tried.setdefault(n, t.fidelity)
     report = analysis.report({n: "linearized" for n in linearized})
     for a in report["activations"]:
         if a["node"] in tried:
@@ -354,7 +357,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
                                      "trials": [t.as_report() for t in r.trials]} for r in results}
     report["trials"] = sum(len(r.trials) for r in results)
-    report["passes"] = [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in exact_fusion.results]
+    report["passes"] = _passes(exact_fusion.results)
     report["exactness"] = {"reference": "original (exact fusions only)", "max_relative_error": err,
                            "rtol": rtol, "samples": holdout.samples}
 
@@ -366,11 +369,6 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                 "reference": "original model"}
 
     return out, report, verifier
-
-
-def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of ``model`` in ORT (optimizations off)."""
-    return make_session(model).run(None, feeds)
 
 
 def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: CalibrationData) -> float:

@@ -5,8 +5,8 @@ Definitions (the report's contract):
 - depth: the largest number of compute nodes on any path from a graph input (or constant) to a graph output;
 - params: number of elements of all initializers of the main graph (overridable ones included);
 - macs: multiply-accumulates of the compute nodes for ONE sample, from ONNX shape inference: a dynamic first
-  dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model with a fixed batch N has its
-  MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
+  dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model with a fixed batch N
+  (``data.fixed_batch``) has its MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 from onnx import shape_inference
+
+from onnx_easier.data import fixed_batch, input_specs
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -87,51 +89,22 @@ def _prod(dims) -> int | None:
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
-    """MACs of one compute node (None when a needed shape is unknown; 0 for other ops)."""
+    """MACs of one compute node (None when a needed shape is unknown; 0 for other ops):
+    Conv: output elements x (Cin/groups * kernel); ConvTranspose: input elements x (Cout/groups * kernel);
+    Gemm / MatMul: output elements x the contracted dim."""
     op = node.op_type
     if op not in COMPUTE_OPS:
         return 0
     x = shapes.get(node.input[0])
     w = shapes.get(node.input[1]) if len(node.input) > 1 else None
     y = shapes.get(node.output[0])
-    if op == "Conv":
-        if w is None or y is None:
-            return None
-        n = _prod(y)
-        k = _prod(w[1:])
-        return None if n is None or k is None else n * k
-    if op == "ConvTranspose":
-        if w is None or x is None:
-            return None
-        n = _prod(x)
-        k = _prod(w[1:])
-        return None if n is None or k is None else n * k
-    if op == "Gemm":
-        if x is None or y is None:
-            return None
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        k = x[0] if trans_a else x[-1]
-        n = _prod(y)
-        return None if n is None or k is None else n * k
-    # MatMul: output elements times the contracted dim
-    if x is None or y is None:
-        return None
-    n = _prod(y)
-    k = x[-1]
-    return None if n is None or k is None else n * k
-
-
-def fixed_batch(model: onnx.ModelProto) -> int:
-    """The first dim of the first graph input when it is a fixed integer > 0, else 1."""
-    inits = {t.name for t in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits or not inp.type.HasField("tensor_type"):
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-        return 1
-    return 1
+    if op in ("Conv", "ConvTranspose"):
+        elements, per = (y if op == "Conv" else x), (None if w is None else _prod(w[1:]))
+    else:
+        trans_a = op == "Gemm" and next((a.i for a in node.attribute if a.name == "transA"), 0)
+        elements, per = y, (None if x is None else x[0] if trans_a else x[-1])
+    n = _prod(elements)
+    return None if n is None or per is None else n * per
 
 
 def depth(model: onnx.ModelProto) -> int:
@@ -155,7 +128,7 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
             complete = False
         else:
             macs += m
-    macs //= fixed_batch(model)
+    macs //= fixed_batch(input_specs(model)) or 1
     ops = Counter(n.op_type for n in model.graph.node)
     return Cost(
         nodes=len(model.graph.node),
