@@ -26,7 +26,7 @@ from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, input_specs, load_data
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
-from onnx_easier.latency import measure_latency
+from onnx_easier.latency import LatencyStats, measure_latency
 from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
 from onnx_easier.select import (
     STRATEGIES,
@@ -288,6 +288,20 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
     return out, report, verifier
 
 
+def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], linearized: dict[str, int],
+            macs: Callable[[str], int]) -> str:
+    """The model to write: among those not slower than the original (median latency within NOISE_MARGIN of it),
+    the shallowest of those as fast as the fastest (within NOISE_MARGIN of it: timing noise cannot order them),
+    i.e. the most activations linearized, then the fewest MACs, then the lowest latency. "original" if none."""
+    base = lat["original"].median_ms
+    fast = [k for k in models if k != "original" and lat[k].median_ms <= base * (1 + NOISE_MARGIN)]
+    if not fast:
+        return "original"
+    best = min(lat[k].median_ms for k in fast)
+    ties = [k for k in fast if lat[k].median_ms <= best * (1 + NOISE_MARGIN)]
+    return min(ties, key=lambda k: (-linearized.get(k, 0), macs(k), lat[k].median_ms))
+
+
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict,
                  on_step: Callable[[str], None] | None) -> tuple[onnx.ModelProto, dict, Callable]:
@@ -317,11 +331,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     if on_step:
         on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
     lat = measure_latency(models, feeds, provider=provider)
-    ranked = sorted((k for k in models if k != "original"),
-                    key=lambda k: (lat[k].median_ms, measure(models[k], 0, shapes).macs))
-    base_ms = lat["original"].median_ms
-    # "not slower" allows the timing noise margin; among those the fastest is kept
-    chosen = next((k for k in ranked if lat[k].median_ms <= base_ms * (1 + NOISE_MARGIN)), "original")
+    chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
+                     lambda k: measure(models[k], 0, shapes).macs)
     note = None
     if chosen in ("exact", "original") and any(r.linearized for r in results):
         note = "no linearization made the model faster: only the exact fusions were kept"

@@ -124,6 +124,28 @@ def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth:
     return found
 
 
+def output_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the layer nodes that produce a graph output through non-layer nodes only (a classifier's head).
+
+    Re-fitting them to the original's outputs after every change makes the head absorb what it can of the error
+    upstream: their target is the very tensor the fidelity compares."""
+    graph = to_graph(model)
+    found: list[str] = []
+    todo = list(graph.outputs)
+    seen: set[int] = set()
+    while todo:
+        t = todo.pop()
+        for n in t.inputs:
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op in LAYER_OPS:
+                found.append(n.name)
+            else:
+                todo.extend(n.inputs)
+    return found
+
+
 def fused_names(fusion: FusionResult, originals: list[str], model: onnx.ModelProto) -> list[str]:
     """Where the nodes ``originals`` went: the fused node whose sources include them, or themselves if present."""
     present = {n.name for n in model.graph.node}
@@ -352,6 +374,11 @@ class Search:
         grouped = {tuple(c.names) for c in groups}
         return groups + [c for c in singles if tuple(c.names) not in grouped]
 
+    def _more_work(self, a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+        """Whether ``a`` has more nodes, compute nodes or MACs than ``b``."""
+        ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
+        return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
+
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
             return {}
@@ -373,8 +400,16 @@ class Search:
                 continue
             t0 = time.perf_counter()
             fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
-            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits,
-                                       kept_nodes(remaining, cand.acts))
+            others = kept_nodes(remaining, cand.acts)
+            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others)
+            fallback = ""
+            if self.mode == "affine" and built.linearized == len(cand.acts):
+                # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
+                # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
+                plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
+                if plain.linearized == len(cand.acts) and self._more_work(built.model, plain.model):
+                    built = plain
+                    fallback = "the affine map would stay as a node: identity + re-fit"
             if built.linearized != len(cand.acts):
                 trials.append(Trial(cand.names, float("nan"), False, time.perf_counter() - t0, 0, 0,
                                     note="; ".join(built.notes) or "could not be linearized"))
@@ -383,12 +418,13 @@ class Search:
             records: list[RefitRecord] = []
             if self.refit:
                 targets = fused_names(built.fusion, downstream_layers(built.reference, list(cand.acts)), model)
+                targets += [n for n in output_layers(model) if n not in targets]
                 model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                               batch=self.judge.batch)
             fid = self.judge(model)
             cost = measure(model, 0, self.input_shapes)
             trial = Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,
-                          cost.compute_nodes, records)
+                          cost.compute_nodes, records, fallback)
             trials.append(trial)
             if self.progress:
                 self.progress(f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: loss {fid.value:.4f} "

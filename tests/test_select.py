@@ -155,3 +155,96 @@ def test_failed_verification_leaves_no_output(setup, capsys, monkeypatch) -> Non
     assert "verification failed" in capsys.readouterr().err
     code = main([str(setup["model"]), str(out), "--data", str(setup["data"]), "--tolerance", "0", "--keep-failed"])
     assert code == 1 and out.exists()
+
+
+def residual_mlp(seed: int = 0, width: int = 32) -> onnx.ModelProto:
+    """ResNet's pattern on tokens: x[N,16] -> fc0 -> Relu r0 -> a0;  s1 = a0 + f1(a0) -> Relu r1 -> a1;
+    s2 = a1 + f2(a1) -> Relu r2 -> fc3 -> y[N,10], with f_i = Gemm -> Relu k_i -> Gemm (a nonlinear branch).
+
+    r1's input is an Add with an identity skip of a nonlinear tensor and its output feeds a Gemm and an identity
+    skip: its affine map folds neither backward nor forward (it would stay as a node of its own). r1 is almost
+    ON (bias +1: the lowest entropy, but not 0); the other Relus see centred pre-activations."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+
+    def gemm(a: str, w: str, y: str) -> onnx.NodeProto:
+        return helper.make_node("Gemm", [a, w, f"{w}_b"], [y], transB=1, name=w)
+
+    nodes = [gemm("x", "w0", "h0"), helper.make_node("Relu", ["h0"], ["a0"], name="r0")]
+    inits = [init("w0", rng.standard_normal((width, 16)) * 0.5), init("w0_b", np.zeros(width))]
+    for i, shift in ((1, 1.0), (2, 0.0)):
+        prev = f"a{i - 1}"
+        nodes += [gemm(prev, f"w{i}a", f"u{i}"), helper.make_node("Relu", [f"u{i}"], [f"v{i}"], name=f"k{i}"),
+                  gemm(f"v{i}", f"w{i}b", f"h{i}"), helper.make_node("Add", [f"h{i}", prev], [f"s{i}"], name=f"add{i}"),
+                  helper.make_node("Relu", [f"s{i}"], [f"a{i}"], name=f"r{i}")]
+        inits += [init(f"w{i}a", rng.standard_normal((width, width)) / np.sqrt(width)),
+                  init(f"w{i}a_b", np.zeros(width)),
+                  init(f"w{i}b", rng.standard_normal((width, width)) * 0.1),
+                  init(f"w{i}b_b", np.full(width, shift - (0.5 if i == 2 else 0.0)))]
+    nodes.append(gemm("a2", "w3", "y"))
+    inits += [init("w3", rng.standard_normal((10, width)) * 0.5), init("w3_b", np.zeros(10))]
+    g = helper.make_graph(nodes, "resmlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_affine_that_cannot_fold_falls_back_to_identity(tmp_path: Path) -> None:
+    """r1's affine map would stay as a node: the search tries the identity + re-fit instead, and no trial ever adds
+    a compute node or MACs."""
+    m = residual_mlp()
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((400, 16)).astype(np.float32))
+    r = optimize(m, data, tolerance=1.0, strategy="entropy", max_remove=1)
+    acts = {a["node"]: a for a in r.report["activations"]}
+    assert min(acts, key=lambda n: acts[n]["entropy"]) == "r1"
+    trials = {tuple(t["activations"]): t for t in r.report["search"]["entropy"]["trials"]}
+    t1 = trials[("r1",)]
+    assert "identity + re-fit" in t1.get("note", "")
+    assert t1["accepted"]  # tolerance 1.0 accepts everything
+    for t in trials.values():
+        assert t["compute_nodes"] <= r.report["before"]["compute_nodes"]
+        assert t["macs"] <= r.report["before"]["macs"]
+    assert acts["r1"]["action"] == "linearized"
+    ops = [n.op_type for n in r.model.graph.node]
+    assert ops.count("Relu") == 4 and "Mul" not in ops  # r1 gone, no affine node left behind
+
+
+def test_output_layers_walks_back_through_non_layers() -> None:
+    from onnx_easier.select import output_layers
+
+    assert output_layers(mlp(1.0)) == ["fc3"]
+    m = residual_mlp()
+    m.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], name="sm", axis=-1))
+    m.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10]))
+    assert output_layers(m) == ["w3"]  # through the Softmax, and not beyond the layer
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("a1", TensorProto.FLOAT, ["N", 32]))
+    assert sorted(output_layers(m)) == ["w0", "w1b"]  # a1 = Relu(f1(a0) + Relu(w0 x)): both branches, through Relu
+
+
+def _lat(ms: float) -> object:
+    from onnx_easier.latency import LatencyStats
+
+    return LatencyStats(ms, ms, ms, 1, 1, "cpu", 1)
+
+
+def test_choose_prefers_shallowest_among_equally_fast() -> None:
+    from onnx_easier.api import _choose
+
+    models = {k: onnx.ModelProto() for k in ("original", "exact", "search:entropy", "search:merge")}
+    lin = {"search:entropy": 3, "search:merge": 2}
+    macs = {"original": 10, "exact": 10, "search:entropy": 10, "search:merge": 8}.__getitem__
+    # all within 3% of each other: the most linearized wins, although the exact model measured fastest
+    lat = {"original": _lat(1.0), "exact": _lat(0.98), "search:entropy": _lat(1.0), "search:merge": _lat(0.99)}
+    assert _choose(models, lat, lin, macs) == "search:entropy"
+    # a clearly faster result wins over a shallower one of the same speed as the input
+    lat["search:merge"] = _lat(0.6)
+    assert _choose(models, lat, lin, macs) == "search:merge"
+    # everything slower than the input beyond the noise margin: the original
+    lat = {"original": _lat(1.0), "exact": _lat(1.2), "search:entropy": _lat(1.1), "search:merge": _lat(1.05)}
+    assert _choose(models, lat, lin, macs) == "original"
+    # equal depth and speed: fewer MACs
+    lat = {"original": _lat(1.0), "exact": _lat(1.0), "search:entropy": _lat(1.0), "search:merge": _lat(1.0)}
+    assert _choose(models, lat, {"search:entropy": 2, "search:merge": 2}, macs) == "search:merge"
