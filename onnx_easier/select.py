@@ -158,6 +158,16 @@ def fused_names(fusion: FusionResult, originals: list[str], model: onnx.ModelPro
     return out
 
 
+def refit_targets(reference: onnx.ModelProto, fusion: FusionResult | None, model: onnx.ModelProto,
+                  acts: list[Activation]) -> list[str]:
+    """The layers of ``model`` to re-fit after linearizing ``acts``: those downstream of each activation (found in
+    the unfused ``reference``, mapped through ``fusion`` when ``model`` was fused from it), then the output
+    layers."""
+    layers = downstream_layers(reference, acts)
+    names = fused_names(fusion, layers, model) if fusion is not None else layers
+    return names + [n for n in output_layers(model) if n not in names]
+
+
 def split_data(data: CalibrationData) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
     """(fit, check, holdout): the last quarter (at most MAX_HOLDOUT samples) measures fidelity; of the rest, the
     last fifth decides whether a re-fit is kept. Fewer than 8 samples: the three sets are the same (the report
@@ -417,8 +427,7 @@ class Search:
             model = built.model
             records: list[RefitRecord] = []
             if self.refit:
-                targets = fused_names(built.fusion, downstream_layers(built.reference, list(cand.acts)), model)
-                targets += [n for n in output_layers(model) if n not in targets]
+                targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
                 model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                               batch=self.judge.batch)
             fid = self.judge(model)

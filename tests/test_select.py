@@ -206,9 +206,8 @@ def test_affine_that_cannot_fold_falls_back_to_identity(tmp_path: Path) -> None:
     for t in trials.values():
         assert t["compute_nodes"] <= r.report["before"]["compute_nodes"]
         assert t["macs"] <= r.report["before"]["macs"]
-    assert acts["r1"]["action"] == "linearized"
-    ops = [n.op_type for n in r.model.graph.node]
-    assert ops.count("Relu") == 4 and "Mul" not in ops  # r1 gone, no affine node left behind
+    assert r.report["search"]["entropy"]["linearized"] == ["r1"]
+    # (which model is written depends on a latency measurement: not asserted here)
 
 
 def test_output_layers_walks_back_through_non_layers() -> None:

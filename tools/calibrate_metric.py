@@ -20,8 +20,8 @@ Per model, many damaged variants built the way the tool builds its candidates:
   ``--partial-below`` activations (the FFNs have 2: subsets alone give 3 variants); it fills in the damage range
   with the same kind of damage at finer steps.
 
-Each variant is measured twice: as built, and with the layers downstream of the linearized activations re-fitted
-by least squares to the original's tensors (``downstream_layers`` -> ``fused_names`` -> ``refit_layers`` on the fit
+Each variant is measured twice: as built, and with the layers downstream of the linearized activations and the output
+layers re-fitted by least squares to the original's tensors (``refit_targets`` -> ``refit_layers`` on the fit
 split, kept or not on the check split), as the tool does. For each: mean KL(original || variant) and top-1 flip rate
 on the HOLDOUT split of the calibration file (``select.Judge``: exactly what the tool measures), and the TEST
 accuracy drop in points on ``models/digits<R>_test.npz`` (labels the tool never sees). Variants under 50 % test
@@ -57,10 +57,9 @@ from onnx_easier.model_io import make_session
 from onnx_easier.reconstruct import Targets, refit_layers
 from onnx_easier.select import (
     Judge,
-    downstream_layers,
-    fused_names,
     kept_nodes,
     linearize_and_fuse,
+    refit_targets,
     run_batch,
     split_data,
 )
@@ -246,8 +245,7 @@ def run_model(name: str, args: argparse.Namespace, log) -> tuple[list[Variant], 
             t1 = time.perf_counter()
             model, kept = base_model, 0
             if refit:
-                layers = downstream_layers(reference, chosen)
-                names = fused_names(fusion, layers, model) if fusion is not None else layers
+                names = refit_targets(reference, fusion, model, chosen)
                 model, records = refit_layers(model, targets, names, fit, check, batch=batch)
                 kept = sum(rec.accepted for rec in records)
             fid = judge(model)

@@ -97,8 +97,8 @@ SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "ffn_digits",
         16,
-        lambda: zoo.TokenFFN(dim=64, depth=2, resolution=16, patch=4),
-        "TokenFFN: 16 tokens of 4x4, d=64, 2 blocks LN-FFN(64-256-64, GELU), mean pool, Linear",
+        lambda: zoo.TokenFFN(dim=64, depth=4, resolution=16, patch=4),
+        "TokenFFN: 16 tokens of 4x4, d=64, 4 blocks LN-FFN(64-256-64, GELU), mean pool, Linear",
         epochs=40,
         lr=2e-3,
     ),
