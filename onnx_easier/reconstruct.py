@@ -33,12 +33,14 @@ from onnx_easier.graph_utils import is_constant, single_consumer
 from onnx_easier.linear_math import ConvLayer, to_dense
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
-from onnx_easier.refit import RefitTooLarge, fit_layer
+from onnx_easier.refit import RIDGES, RefitTooLarge, fit_layer
+from onnx_easier.softmax_fit import fit_softmax
 
 log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 BATCH = 32
+HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 
 
 @dataclass
@@ -52,6 +54,7 @@ class RefitRecord:
     accepted: bool
     seconds: float
     note: str = ""
+    ridge: float | None = None  # the ridge chosen on the check samples
 
     def as_report(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -103,14 +106,15 @@ def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
     return _Site(node, bias_add, layer, offset, node.inputs[0].name, out.name, last)
 
 
-def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer) -> None:
-    """Replace the node's weight/bias constants by fresh ones (never edits a constant in place: it may be shared)."""
+def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer, tag: str = "refit") -> None:
+    """Replace the node's weight/bias constants by fresh ones named ``{node}.{tag}_weight``/``_bias`` (never edits
+    a constant in place: it may be shared)."""
     node = site.node
     dtype = np.asarray(node.inputs[1].values).dtype
-    base = node.name or node.outputs[0].name
+    base = (node.name or node.outputs[0].name) + f".{tag}"
     if node.op == "Conv":
-        node.inputs[1] = gs.Constant(f"{base}.refit_weight", layer.weight.astype(dtype))
-        bias = gs.Constant(f"{base}.refit_bias", layer.bias.astype(dtype))
+        node.inputs[1] = gs.Constant(f"{base}_weight", layer.weight.astype(dtype))
+        bias = gs.Constant(f"{base}_bias", layer.bias.astype(dtype))
         if len(node.inputs) > 2 and node.inputs[2].name:
             node.inputs[2] = bias
         else:
@@ -120,24 +124,24 @@ def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer) -> None:
     elif node.op == "Gemm":
         dense = to_dense(layer)
         node.attrs.update({"alpha": 1.0, "beta": 1.0, "transB": 1})
-        node.inputs[1] = gs.Constant(f"{base}.refit_weight", dense.weight.astype(dtype))
-        bias = gs.Constant(f"{base}.refit_bias", dense.bias.astype(dtype))
+        node.inputs[1] = gs.Constant(f"{base}_weight", dense.weight.astype(dtype))
+        bias = gs.Constant(f"{base}_bias", dense.bias.astype(dtype))
         if len(node.inputs) > 2:
             node.inputs[2] = bias
         else:
             node.inputs.append(bias)
     else:  # MatMul [+ Add]
         dense = to_dense(layer)
-        node.inputs[1] = gs.Constant(f"{base}.refit_weight", dense.weight.T.astype(dtype))
-        bias = gs.Constant(f"{base}.refit_bias", dense.bias.astype(dtype))
+        node.inputs[1] = gs.Constant(f"{base}_weight", dense.weight.T.astype(dtype))
+        bias = gs.Constant(f"{base}_bias", dense.bias.astype(dtype))
         if site.bias_add is not None:
             i = 1 - site.bias_add.inputs.index(node.outputs[0])
             site.bias_add.inputs[i] = bias
         else:
             y = node.outputs[0]
-            mid = gs.Variable(f"{base}.refit_out", dtype=y.dtype, shape=y.shape)
+            mid = gs.Variable(f"{base}_out", dtype=y.dtype, shape=y.shape)
             node.outputs[0] = mid
-            graph.nodes.append(gs.Node("Add", f"{base}/refit_bias", inputs=[mid, bias], outputs=[y]))
+            graph.nodes.append(gs.Node("Add", f"{base}/bias", inputs=[mid, bias], outputs=[y]))
 
 
 class Targets:
@@ -195,16 +199,20 @@ def refit_layers(
     fit: CalibrationData,
     check: CalibrationData,
     *,
-    ridge: float = 1e-4,
+    ridge: float | tuple[float, ...] = RIDGES,
     max_positions: int | None = 20000,
     batch: int = BATCH,
+    softmax_head: bool = False,
 ) -> tuple[onnx.ModelProto, list[RefitRecord]]:
     """Re-fit the layer nodes named ``nodes`` of ``model`` (topological order) to ``original``'s tensors.
 
     ``original`` may be a ``Targets`` cache shared across calls (the original's tensors are then computed once).
     ``fit`` gives the normal equations; ``check`` (disjoint samples) decides whether each fit is kept; ``batch``
-    samples per ORT run (the model's fixed batch size when it has one).
-    Returns the new model and one record per layer tried.
+    samples per ORT run (the model's fixed batch size when it has one). ``softmax_head``: the outputs are logits
+    judged by KL (the agreement metric); a dense layer that writes a graph output ``[N, K]`` directly is then
+    re-fitted once more, to the original's class probabilities (softmax_fit.py), kept if the KL on ``check``
+    drops.
+    Returns the new model and one record per layer tried (a second one for a KL re-fit).
     """
     targets = original if isinstance(original, Targets) else Targets(original)
     original_names = {o for n in targets.original.graph.node for o in n.output}
@@ -232,11 +240,58 @@ def refit_layers(
             continue
         seconds = time.perf_counter() - t0
         records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),
-                                   seconds))
+                                   seconds, ridge=res.ridge))
         if res.accepted:
             _write_back(graph, site, new)
             model = to_model(graph, model)
             del model.graph.value_info[:]
         log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before, res.error_after,
                  "kept" if res.accepted else "rejected", seconds)
+        if softmax_head and _is_head(site, model):
+            model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, targets, fit, check,
+                                        batch, res.ridge)
+            records.append(record)
     return model, records
+
+
+def _is_head(site: _Site, model: onnx.ModelProto) -> bool:
+    """A dense layer (no token axis, no fixed offset) whose output is a graph output: the logits themselves."""
+    return (site.layer.nd == 0 and not site.last and site.offset is None
+            and site.y in {o.name for o in model.graph.output})
+
+
+def _rows(model: onnx.ModelProto, targets: Targets, site: _Site, data: CalibrationData, batch: int,
+          max_bytes: int = HEAD_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """(features, original logits) of ``data`` as arrays, at most ``max_bytes`` of features (the first rows)."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    size = 0
+    for x, y in _pairs(model, targets, site, data, batch):
+        xs.append(x)
+        ys.append(y)
+        size += x.nbytes
+        if size >= max_bytes:
+            break
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    keep = max(1, max_bytes // max(1, x.shape[1] * 8))
+    return x[:keep], y[:keep]
+
+
+def _refit_head(model: onnx.ModelProto, graph: gs.Graph, site: _Site, layer: ConvLayer, targets: Targets,
+                fit: CalibrationData, check: CalibrationData, batch: int,
+                ridge: float) -> tuple[onnx.ModelProto, RefitRecord]:
+    """The KL re-fit of a head (softmax_fit.fit_softmax) from ``layer``, kept if the check KL drops."""
+    t0 = time.perf_counter()
+    dense = to_dense(layer)
+    x, z = _rows(model, targets, site, fit, batch)
+    xc, zc = _rows(model, targets, site, check, batch)
+    res = fit_softmax(x, z, xc, zc, dense.weight.reshape(dense.cout, -1), dense.bias, ridge=ridge)
+    seconds = time.perf_counter() - t0
+    note = "KL re-fit of the head to the original's class probabilities: errors are mean KL (nats) on check"
+    if res.improved:
+        _write_back(graph, site, ConvLayer(res.weight, res.bias, (), (), ()), tag="refit_kl")
+        model = to_model(graph, model)
+        del model.graph.value_info[:]
+    log.info("KL refit %s: check KL %.4g -> %.4g (%s, %d iterations, %.2fs)", site.node.name, res.kl_before,
+             res.kl_after, "kept" if res.improved else "rejected", res.iterations, seconds)
+    return model, RefitRecord(site.node.name, site.y, res.kl_before, res.kl_after, res.improved, seconds, note, ridge)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,7 @@ __all__ = [
     "refit_error",
 ]
 
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # candidate ridges (relative to the mean feature energy), chosen on held-out data
 # Upper bound on the transient patch buffer built per chunk of positions (the state itself is memory_estimate).
 _CHUNK_BYTES = 32 * 2**20
 
@@ -304,13 +305,14 @@ class RefitResult:
     accepted: bool
     holdout: bool
     positions: int
+    ridge: float = 0.0  # the ridge chosen (the one with the lowest held-out error)
 
 
 def fit_layer(
     layer: ConvLayer,
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
     holdout: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
-    ridge: float = 1e-4,
+    ridge: float | Sequence[float] = RIDGES,
     *,
     max_features: int = 4096,
     max_positions_per_batch: int | None = None,
@@ -318,32 +320,37 @@ def fit_layer(
 ) -> tuple[ConvLayer, RefitResult]:
     """Re-fit ``layer`` on ``batches`` of (layer input, target) and keep the result only if it lowers the error.
 
-    Each iterable is read once. With ``holdout`` the comparison is on the held-out batches (both layers evaluated in
-    the same pass); without it, on the fit data through ``NormalEquations.relative_error``. When the new layer is
-    not strictly better the original ``layer`` is returned and ``error_after == error_before``. ``RefitTooLarge``
-    propagates (raised before any batch is read).
+    Each iterable is read once. With ``holdout``: its normal equations are accumulated too (same geometry and
+    position subsampling, another ``memory_estimate(layer)`` bytes), the layer is solved for every ridge of
+    ``ridge`` and the one with the lowest held-out error is chosen (errors from the held-out sums,
+    ``NormalEquations.relative_error``: no forward pass); without it, the first ridge only, compared on the fit
+    data. When the new layer is not strictly better the original ``layer`` is returned and ``error_after ==
+    error_before``. ``RefitTooLarge`` propagates (raised before any batch is read).
     """
     start = time.perf_counter()
+    ridges = (float(ridge),) if isinstance(ridge, (int, float)) else tuple(float(r) for r in ridge)
+    if not ridges:
+        raise ValueError("fit_layer: no ridge given")
     equations = NormalEquations(
         layer, max_features=max_features, max_positions_per_batch=max_positions_per_batch, seed=seed
     )
     for x, y in batches:
         equations.update(x, y)
-    fitted = equations.solve(ridge)
     if holdout is None:
+        chosen = ridges[0]
+        fitted = equations.solve(chosen)
         before, after = equations.relative_error(layer), equations.relative_error(fitted)
     else:
-        residual_before = residual_after = energy = 0.0
-        seen = False
+        check = NormalEquations(
+            layer, max_features=max_features, max_positions_per_batch=max_positions_per_batch, seed=seed + 1
+        )
         for x, y in holdout:
-            y = np.asarray(y, dtype=np.float64)
-            residual_before += float(np.sum((conv_forward(x, layer) - y) ** 2))
-            residual_after += float(np.sum((conv_forward(x, fitted) - y) ** 2))
-            energy += float(np.sum(y * y))
-            seen = True
-        if not seen:
+            check.update(x, y)
+        if check.positions == 0:
             raise ValueError("the holdout iterable is empty")
-        before, after = _relative(residual_before, energy), _relative(residual_after, energy)
+        before = check.relative_error(layer)
+        after, chosen, fitted = min(((check.relative_error(f), r, f) for r in ridges
+                                     for f in [equations.solve(r)]), key=lambda t: t[0])
     accepted = after < before
     result = RefitResult(
         error_before=before,
@@ -352,5 +359,6 @@ def fit_layer(
         accepted=accepted,
         holdout=holdout is not None,
         positions=equations.positions,
+        ridge=chosen,
     )
     return (fitted if accepted else layer), result

@@ -32,7 +32,7 @@ from onnx_easier.activations import Activation, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs
-from onnx_easier.fidelity import Fidelity, FidelityAccumulator
+from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.linearize import linearize
@@ -197,6 +197,11 @@ class Judge:
         session = make_session(original)
         self.names = [o.name for o in session.get_outputs()]
         self.reference = [[as_array(v) for v in session.run(self.names, feed)] for feed in holdout.batches(batch)]
+        first = self.reference[0] if self.reference else []
+        effective = metric or default_metric([r.shape for r in first])
+        # logits judged by KL: a head re-fit to the original's class probabilities serves the metric directly
+        self.softmax_head = bool(first) and effective == "agreement" and not any(
+            looks_like_probabilities(r.reshape(r.shape[0], -1)) for r in first)
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
         session = make_session(model)
@@ -429,7 +434,7 @@ class Search:
             if self.refit:
                 targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
                 model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
-                                              batch=self.judge.batch)
+                                              batch=self.judge.batch, softmax_head=self.judge.softmax_head)
             fid = self.judge(model)
             cost = measure(model, 0, self.input_shapes)
             trial = Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,

@@ -347,3 +347,22 @@ def test_bad_input() -> None:
         equations.relative_error(make_layer(np.zeros((2, 3, 1, 1))))
     with pytest.raises(ValueError, match="holdout"):
         fit_layer(layer, [(np.ones((1, 3, 5, 5)), np.ones((1, 2, 5, 5)))], holdout=[])
+
+
+def test_ridge_is_chosen_on_the_holdout() -> None:
+    """Noisy, few samples: every ridge of the grid is solved, the one with the lowest held-out error is kept."""
+    rng = np.random.default_rng(9)
+    true = make_layer(rng.normal(size=(4, 40)), rng.normal(size=4))
+    x, x_hold = rng.normal(size=(45, 40)), rng.normal(size=(300, 40))
+    y = torch_forward(true, x) + 3.0 * rng.normal(size=(45, 4))
+    y_hold = torch_forward(true, x_hold) + 3.0 * rng.normal(size=(300, 4))
+    wrong = random_like(true, rng)
+    grid = (0.0, 0.1, 1.0, 10.0)
+    fitted, result = fit_layer(wrong, [(x, y)], holdout=[(x_hold, y_hold)], ridge=grid)
+    equations = NormalEquations(true)
+    equations.update(x, y)
+    errors = {r: refit_error(equations.solve(r), x_hold, y_hold) for r in grid}
+    assert refit_error(fitted, x_hold, y_hold) == pytest.approx(min(errors.values()), rel=1e-9)
+    assert result.ridge == min(errors, key=errors.get)
+    assert result.error_after == pytest.approx(min(errors.values()), rel=1e-9)
+    assert errors[result.ridge] < errors[0.0]  # the noise makes some shrinkage pay here

@@ -246,7 +246,8 @@ def run_model(name: str, args: argparse.Namespace, log) -> tuple[list[Variant], 
             model, kept = base_model, 0
             if refit:
                 names = refit_targets(reference, fusion, model, chosen)
-                model, records = refit_layers(model, targets, names, fit, check, batch=batch)
+                model, records = refit_layers(model, targets, names, fit, check, batch=batch,
+                                              softmax_head=judge.softmax_head)
                 kept = sum(rec.accepted for rec in records)
             fid = judge(model)
             ok = correct(model, x_test, y_test)
