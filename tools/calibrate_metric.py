@@ -17,7 +17,7 @@ Per model, many damaged variants built the way the tool builds its candidates:
   weighted towards small) up to ``--subsets`` in all; fixed seed.
 - ``partial``: one activation, or all of them together, linearized on a random fraction of its channels only,
   ``y' = (1 - m) * act(x) + m * (a x + b)`` with ``m`` a 0/1 channel mask. Only for models with fewer than
-  ``--partial-below`` activations (the FFNs have 2: subsets alone give 3 variants); it fills in the damage range
+  ``--partial-below`` activations (ffn_wide_digits has 2: subsets alone give 3 variants); it fills in the damage range
   with the same kind of damage at finer steps.
 
 Each variant is measured twice: as built, and with the layers downstream of the linearized activations and the output
