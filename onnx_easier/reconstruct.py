@@ -231,9 +231,14 @@ def refit_layers(
             log.debug("refit %s skipped: its output %s is not a tensor of the original model", name, site.y)
             continue
         t0 = time.perf_counter()
+        head = softmax_head and _is_head(site, model)
+        rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
+        fit_pairs = _pairs(model, targets, site, fit, batch)
+        check_pairs = _pairs(model, targets, site, check, batch)
+        if head:
+            fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
         try:
-            new, res = fit_layer(site.layer, _pairs(model, targets, site, fit, batch),
-                                 _pairs(model, targets, site, check, batch), ridge=ridge,
+            new, res = fit_layer(site.layer, fit_pairs, check_pairs, ridge=ridge,
                                  max_positions_per_batch=max_positions)
         except RefitTooLarge as exc:
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
@@ -247,11 +252,29 @@ def refit_layers(
             del model.graph.value_info[:]
         log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before, res.error_after,
                  "kept" if res.accepted else "rejected", seconds)
-        if softmax_head and _is_head(site, model):
-            model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, targets, fit, check,
-                                        batch, res.ridge)
+        if head:
+            model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, *rows, res.ridge)
             records.append(record)
     return model, records
+
+
+def _recorded(pairs: Iterator[tuple[np.ndarray, np.ndarray]], into: list,
+              max_bytes: int = HEAD_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``pairs`` passed through, the first ``max_bytes`` of features (and their targets) also kept in ``into``."""
+    size = 0
+    for x, y in pairs:
+        if size < max_bytes:
+            into.append((x, y))
+            size += x.nbytes
+        yield x, y
+
+
+def _stack(rows: list, max_bytes: int = HEAD_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The recorded batches as two arrays, at most ``max_bytes`` of features (the first rows)."""
+    x = np.concatenate([r[0] for r in rows])
+    y = np.concatenate([r[1] for r in rows])
+    keep = max(1, max_bytes // max(1, x.shape[1] * 8))
+    return x[:keep], y[:keep]
 
 
 def _is_head(site: _Site, model: onnx.ModelProto) -> bool:
@@ -260,31 +283,14 @@ def _is_head(site: _Site, model: onnx.ModelProto) -> bool:
             and site.y in {o.name for o in model.graph.output})
 
 
-def _rows(model: onnx.ModelProto, targets: Targets, site: _Site, data: CalibrationData, batch: int,
-          max_bytes: int = HEAD_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """(features, original logits) of ``data`` as arrays, at most ``max_bytes`` of features (the first rows)."""
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    size = 0
-    for x, y in _pairs(model, targets, site, data, batch):
-        xs.append(x)
-        ys.append(y)
-        size += x.nbytes
-        if size >= max_bytes:
-            break
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    keep = max(1, max_bytes // max(1, x.shape[1] * 8))
-    return x[:keep], y[:keep]
-
-
-def _refit_head(model: onnx.ModelProto, graph: gs.Graph, site: _Site, layer: ConvLayer, targets: Targets,
-                fit: CalibrationData, check: CalibrationData, batch: int,
-                ridge: float) -> tuple[onnx.ModelProto, RefitRecord]:
-    """The KL re-fit of a head (softmax_fit.fit_softmax) from ``layer``, kept if the check KL drops."""
+def _refit_head(model: onnx.ModelProto, graph: gs.Graph, site: _Site, layer: ConvLayer, fit_rows: list,
+                check_rows: list, ridge: float) -> tuple[onnx.ModelProto, RefitRecord]:
+    """The KL re-fit of a head (softmax_fit.fit_softmax) from ``layer`` on the rows recorded during its
+    least-squares fit, kept if the check KL drops."""
     t0 = time.perf_counter()
     dense = to_dense(layer)
-    x, z = _rows(model, targets, site, fit, batch)
-    xc, zc = _rows(model, targets, site, check, batch)
+    x, z = _stack(fit_rows)
+    xc, zc = _stack(check_rows)
     res = fit_softmax(x, z, xc, zc, dense.weight.reshape(dense.cout, -1), dense.bias, ridge=ridge)
     seconds = time.perf_counter() - t0
     note = "KL re-fit of the head to the original's class probabilities: errors are mean KL (nats) on check"
