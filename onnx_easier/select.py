@@ -5,7 +5,10 @@ Pipeline of one search (``search``), starting from the exact-fused original ``M_
     for each candidate C in order (single activations by entropy; or groups whose joint linearization lets a
     chain collapse into a cheaper layer, ranked by entropy and MACs saved):
         M' = fuse(linearize(M_k, C, affine fits from M_k's own statistics))
-        M' = re-fit the layers downstream of C to the ORIGINAL model's tensors (least squares, reconstruct.py)
+             (if an affine map would stay as a node of its own, i.e. M' has more nodes, compute nodes or MACs than
+             with the identity, the identity is used: it never adds a node, and the re-fit absorbs a and b)
+        M' = re-fit the layers downstream of C, then the output layers, to the ORIGINAL model's tensors (least
+             squares with the ridge chosen on the check samples; a classifier head also by softmax KL)
         loss = fidelity(original, M') on held-out samples (disjoint from the fit samples)
         keep M_{k+1} = M' if loss <= tolerance (and re-calibrate the statistics the affine fits need), else undo;
         one failure does not end the search; ``max_remove`` caps the count.
@@ -15,7 +18,8 @@ last fifth decides whether each re-fit is kept and the rest fit (affine statisti
 
 Strategies: ``entropy`` = single activations in EASIER order (the paper); ``merge`` = groups first (both
 activations of an inverted-residual block, the GELU of an FFN: whatever lets fusion remove MACs), then the
-remaining singles; ``auto`` (default) runs both and keeps the faster model (measured latency).
+remaining singles; ``auto`` (default) runs both, and api.optimize keeps the faster result (measured latency; of
+two as fast, the shallower).
 """
 from __future__ import annotations
 
