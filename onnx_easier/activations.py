@@ -84,8 +84,10 @@ _TWO_GB = 2**31 - 1
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model whose MAIN graph's value_info is filled in by ONNX shape inference (subgraphs, node
     attributes and graph inputs/outputs stay exactly as they were: inference would rewrite a Loop body's unknown
-    dims), or ``model`` unchanged when inference fails or the model is over 2 GB. Run it before
-    ``model_io.to_graph`` so that ranks and ``Activation.channels`` are known."""
+    dims), or ``model`` unchanged when inference fails or the model is over 2 GB. Tensors inference leaves without
+    a shape (after ops it cannot infer, e.g. ai.onnx.ml's) get theirs from ONNX Runtime (ort_shapes.py) when the
+    model runs on synthetic inputs. Run it before ``model_io.to_graph`` so that ranks and ``Activation.channels``
+    are known."""
     if model.ByteSize() >= _TWO_GB:
         _LOG.warning("shape inference skipped: the model is over 2 GB; channel counts may be unknown")
         return model
@@ -95,11 +97,20 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         out.CopyFrom(model)
         del out.graph.value_info[:]
         out.graph.value_info.extend(inferred.graph.value_info)
-        return out
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         _LOG.warning("shape inference failed (%s); channel counts may be unknown", first)
         return model
+    from onnx_easier.ort_shapes import ort_value_info, unknown_tensors  # here: import cycle via calibrate
+
+    missing = unknown_tensors(out)
+    if missing:  # ops without ONNX shape inference (ai.onnx.ml): ask ONNX Runtime
+        found = ort_value_info(out, missing)
+        names = {vi.name for vi in found}
+        kept = [vi for vi in out.graph.value_info if vi.name not in names]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(kept + found)
+    return out
 
 
 def ensure_node_names(graph: gs.Graph) -> int:

@@ -248,10 +248,9 @@ def test_skl2onnx(tmp_path: Path, capsys, digits, kind: str) -> None:
     assert "ArgMax" in ops(lin.model) or "classifier" not in kind  # the label part of the graph is kept
 
 
-@pytest.mark.xfail(strict=True, reason="ai.onnx.ml Scaler has no ONNX shape inference, so every tensor after it has "
-                   "an unknown rank and fuse_chains refuses the MatMul/Add layers ('data rank unknown') even with "
-                   "both ReLUs linearized (a missed fusion; the output is still correct)")
 def test_skl2onnx_scaler_pipeline_fuses(tmp_path: Path, capsys, digits) -> None:
+    """ai.onnx.ml's Scaler has no ONNX shape inference: the ranks after it come from ONNX Runtime (ort_shapes.py),
+    so with both ReLUs linearized the three MatMul/Add layers fuse into one."""
     pytest.importorskip("skl2onnx")
     x, y = digits
     model = _sk_export(_fit("scaler + mlp regressor", x, y), x)

@@ -1,0 +1,111 @@
+"""Tensor shapes that ONNX shape inference leaves unknown, read from ONNX Runtime instead.
+
+Some ops have no ONNX shape inference (ai.onnx.ml's Scaler, Normalizer, ... in skl2onnx pipelines): every tensor
+after them has an unknown rank, and the fusion passes refuse layers whose data rank they cannot see. ORT knows the
+shapes once it runs. ``ort_value_info(model, names)`` runs the model twice on synthetic inputs, with batch sizes 1
+and 2, exposing ``names``; for each tensor it returns a ValueInfoProto with the element type ORT produced and one
+dim per axis:
+
+- a dim equal in both runs: that size (``dim_value``);
+- a dim that is 1 then 2: the batch dim (``dim_param`` = the first input's batch name, ``N`` if it has none);
+- any other change: unknown (neither value nor param).
+
+Synthetic inputs: standard normal values for float inputs, zeros for integer and bool inputs (valid indices and
+masks). Only models whose graph inputs are tensors with fixed dims except the first can be run this way; for others
+(and when ORT fails) nothing is returned. Data-dependent shapes (NonZero, ...) may differ on real data: a size read
+from the synthetic runs is trusted only where the dim did not change between them, and a rank is a property of the
+graph, not of the data.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_easier.calibrate import augment
+from onnx_easier.model_io import make_session
+
+_LOG = logging.getLogger(__name__)
+MAX_BYTES = 256 * 2**20  # models larger than this are not run for their shapes
+
+
+def unknown_tensors(model: onnx.ModelProto) -> list[str]:
+    """Node outputs of the main graph whose type is unknown or a tensor type without a shape (in ``model``'s
+    value_info, inputs and outputs), in graph order; tensors of a known non-tensor type (sequences, maps) are not
+    listed."""
+    g = model.graph
+    types = {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
+    out: list[str] = []
+    for node in g.node:
+        for name in node.output:
+            if not name:
+                continue
+            t = types.get(name)
+            kind = t.WhichOneof("value") if t is not None else None
+            if kind is None or (kind == "tensor_type" and not t.tensor_type.HasField("shape")):
+                out.append(name)
+    return out
+
+
+def _inputs(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
+    inits = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if inp.type.WhichOneof("value") != "tensor_type":
+            return None
+        tt = inp.type.tensor_type
+        dims = list(tt.shape.dim) if tt.HasField("shape") else None
+        if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
+            return None
+        first = dims[0].dim_value if dims[0].HasField("dim_value") else batch  # a fixed batch stays as it is
+        shape = (first, *(d.dim_value for d in dims[1:]))
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _batch_name(model: onnx.ModelProto) -> str:
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim if inp.type.WhichOneof("value") == "tensor_type" else []
+        if dims and dims[0].HasField("dim_param") and dims[0].dim_param:
+            return dims[0].dim_param
+    return "N"
+
+
+def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
+    """ValueInfoProtos for the tensors ``names`` from two ORT runs (module docstring); [] when the model cannot
+    be run on synthetic inputs."""
+    if not names or model.ByteSize() > MAX_BYTES:
+        return []
+    runs = []
+    try:
+        session = make_session(augment(model, names))
+        wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
+        for batch in (1, 2):
+            feeds = _inputs(model, batch)
+            if feeds is None:
+                return []
+            runs.append(dict(zip(wanted, session.run(wanted, feeds))))
+    except Exception as exc:  # noqa: BLE001 - any failure only means no extra shapes
+        _LOG.debug("shapes from ONNX Runtime unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return []
+    batch_name = _batch_name(model)
+    out: list[onnx.ValueInfoProto] = []
+    for name in wanted:
+        a, b = runs[0].get(name), runs[1].get(name)
+        if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.ndim != b.ndim:
+            continue
+        dims: list[int | str | None] = []
+        for d1, d2 in zip(a.shape, b.shape):
+            dims.append(d1 if d1 == d2 else batch_name if (d1, d2) == (1, 2) else None)
+        elem = helper.np_dtype_to_tensor_dtype(a.dtype)
+        out.append(helper.make_tensor_value_info(name, elem, dims))
+    return out

@@ -1,0 +1,59 @@
+"""Shapes ONNX inference leaves unknown, read from ONNX Runtime (ort_shapes.py, activations.infer_shapes)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_easier.activations import infer_shapes
+from onnx_easier.ort_shapes import ort_value_info, unknown_tensors
+
+
+def scaler_mlp(batch: str | int = "N") -> onnx.ModelProto:
+    """X[batch, 4] -> ai.onnx.ml Scaler -> MatMul 4x3 -> Relu -> MatMul 3x2 -> Y (no ONNX inference for Scaler)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Scaler", ["X"], ["s"], domain="ai.onnx.ml", offset=[0.5] * 4, scale=[2.0] * 4, name="sc"),
+        helper.make_node("MatMul", ["s", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["a"], name="r"),
+        helper.make_node("MatMul", ["a", "w2"], ["Y"], name="mm2"),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((3, 2)).astype(np.float32), "w2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, 4])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+
+
+def shapes(model: onnx.ModelProto) -> dict[str, list]:
+    return {vi.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                      for d in vi.type.tensor_type.shape.dim]
+            for vi in model.graph.value_info if vi.type.tensor_type.HasField("shape")}
+
+
+def test_onnx_inference_alone_leaves_them_unknown() -> None:
+    inferred = onnx.shape_inference.infer_shapes(scaler_mlp(), data_prop=True)
+    assert unknown_tensors(inferred) == ["s", "h", "a"]  # Y is a declared graph output
+
+
+def test_ranks_and_batch_dim_from_ort() -> None:
+    m = infer_shapes(scaler_mlp())
+    assert shapes(m) == {"s": ["N", 4], "h": ["N", 3], "a": ["N", 3]}
+    assert unknown_tensors(m) == []
+    assert {vi.name: vi.type.tensor_type.elem_type for vi in m.graph.value_info} == dict.fromkeys("sha", 1)
+    onnx.checker.check_model(m, full_check=False)
+
+
+def test_fixed_batch_and_unrunnable_models() -> None:
+    assert shapes(infer_shapes(scaler_mlp(batch=3))) == {"s": [3, 4], "h": [3, 3], "a": [3, 3]}
+    m = scaler_mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "F"  # a dynamic non-batch dim: not run
+    assert ort_value_info(onnx.shape_inference.infer_shapes(m), ["s"]) == []
+    assert unknown_tensors(infer_shapes(m)) == ["s", "h", "a"]  # left as they were, no error
+
+
+def test_non_tensor_types_are_not_listed() -> None:
+    m = scaler_mlp()
+    m.graph.value_info.append(helper.make_value_info("s", helper.make_sequence_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, None))))
+    assert "s" not in unknown_tensors(m)
