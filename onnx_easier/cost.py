@@ -18,6 +18,7 @@ import onnx
 from onnx import shape_inference
 
 from onnx_easier.data import fixed_batch, input_specs
+from onnx_easier.ort_shapes import ort_value_info, unknown_tensors
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -67,16 +68,31 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
                 d.dim_value = int(given[i])
     del m.graph.value_info[:]
     try:
-        return shape_inference.infer_shapes(m, data_prop=True)
+        inferred = shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # noqa: BLE001 - best effort for cost figures; the model itself was validated on load
         return m
+    # sizes inference leaves unknown (ops without inference, Shape arithmetic it cannot follow): from ORT, which
+    # can run the model once every input dim is concrete
+    missing = unknown_tensors(inferred, dims=True)
+    found = ort_value_info(inferred, missing) if missing else []
+    if found:
+        names = {vi.name for vi in found}
+        kept = [vi for vi in inferred.graph.value_info if vi.name not in names]
+        del inferred.graph.value_info[:]
+        inferred.graph.value_info.extend(kept + found)
+    return inferred
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+            known = out.get(vi.name)
+            if known is None or len(known) != len(dims):
+                out[vi.name] = dims
+            else:  # a declared output shape may be symbolic where value_info (inference, ORT) knows the size
+                out[vi.name] = tuple(k if d is None else d for k, d in zip(known, dims))
     for t in model.graph.initializer:
         out[t.name] = tuple(t.dims)
     return out

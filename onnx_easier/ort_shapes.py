@@ -31,10 +31,10 @@ _LOG = logging.getLogger(__name__)
 MAX_BYTES = 256 * 2**20  # models larger than this are not run for their shapes
 
 
-def unknown_tensors(model: onnx.ModelProto) -> list[str]:
+def unknown_tensors(model: onnx.ModelProto, *, dims: bool = False) -> list[str]:
     """Node outputs of the main graph whose type is unknown or a tensor type without a shape (in ``model``'s
-    value_info, inputs and outputs), in graph order; tensors of a known non-tensor type (sequences, maps) are not
-    listed."""
+    value_info, inputs and outputs), in graph order; with ``dims=True`` also those with a dim of unknown size
+    (symbolic or empty). Tensors of a known non-tensor type (sequences, maps) are not listed."""
     g = model.graph
     types = {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
     out: list[str] = []
@@ -42,11 +42,21 @@ def unknown_tensors(model: onnx.ModelProto) -> list[str]:
         for name in node.output:
             if not name:
                 continue
-            t = types.get(name)
-            kind = t.WhichOneof("value") if t is not None else None
-            if kind is None or (kind == "tensor_type" and not t.tensor_type.HasField("shape")):
+            if _unknown(types.get(name), dims):
                 out.append(name)
     return out
+
+
+def _unknown(t: onnx.TypeProto | None, dims: bool) -> bool:
+    kind = t.WhichOneof("value") if t is not None else None
+    if kind is None:
+        return True
+    if kind != "tensor_type":
+        return False
+    shape = t.tensor_type
+    if not shape.HasField("shape"):
+        return True
+    return dims and any(not d.HasField("dim_value") for d in shape.shape.dim)
 
 
 def _inputs(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
@@ -85,15 +95,13 @@ def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueI
     be run on synthetic inputs."""
     if not names or model.ByteSize() > MAX_BYTES:
         return []
-    runs = []
+    feeds = [_inputs(model, batch) for batch in (1, 2)]
+    if feeds[0] is None or feeds[1] is None:
+        return []
     try:
         session = make_session(augment(model, names))
         wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-        for batch in (1, 2):
-            feeds = _inputs(model, batch)
-            if feeds is None:
-                return []
-            runs.append(dict(zip(wanted, session.run(wanted, feeds))))
+        runs = [dict(zip(wanted, session.run(wanted, f))) for f in feeds]
     except Exception as exc:  # noqa: BLE001 - any failure only means no extra shapes
         _LOG.debug("shapes from ONNX Runtime unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return []

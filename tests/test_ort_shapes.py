@@ -57,3 +57,15 @@ def test_non_tensor_types_are_not_listed() -> None:
     m.graph.value_info.append(helper.make_value_info("s", helper.make_sequence_type_proto(
         helper.make_tensor_type_proto(TensorProto.FLOAT, None))))
     assert "s" not in unknown_tensors(m)
+
+
+def test_cost_counts_the_layers_after_an_op_without_inference() -> None:
+    from onnx_easier.cost import measure
+
+    assert measure(scaler_mlp(), 1).macs == 4 * 3 + 3 * 2  # per sample; 0 for both MatMuls without ORT's shapes
+
+
+def test_unknown_dims_listed_on_request() -> None:
+    m = infer_shapes(scaler_mlp())
+    assert unknown_tensors(m) == []
+    assert unknown_tensors(m, dims=True) == ["s", "h", "a", "Y"]  # their batch dim is symbolic
