@@ -22,11 +22,13 @@ so the state is ``groups * (f*f + f*Og + 1)`` floats whatever the number of samp
 conv with ``C`` inputs and no groups needs a ``(k*k*C + 1)^2`` float64 matrix (3x3, C = 512: 4609^2 * 8 B =
 170 MB); layers with ``f > max_features`` raise ``RefitTooLarge`` before anything is allocated, so the caller can
 skip them. Depthwise layers (``groups = Cin = Cout``) are ``C`` independent tiny systems (``f = prod(kernel) + 1``),
-accumulated together as one stacked ``[C, f, f]`` product.
+accumulated together as one stacked ``[C, f, f]`` product. With held-out batches, ``fit_layer`` keeps a second state
+of the same size (their sums choose the ridge): twice the bound.
 
 **Solve.** ``(A_g + lambda * s_g * D) W_g = B_g`` with ``D = diag(1, .., 1, 0)`` (the bias is not shrunk) and the
 ridge scaled to the data, ``s_g = trace(A_g[:-1, :-1]) / (f - 1)``, the mean energy of one weight feature: ``lambda``
-is then independent of the input scale and the sample count. ``np.linalg.solve``, falling back to ``lstsq``
+is then independent of the input scale and the sample count. ``fit_layer`` solves for each ridge of a grid
+(``RIDGES``) and keeps the one with the lowest held-out error. ``np.linalg.solve``, falling back to ``lstsq``
 (minimum-norm) for singular systems (e.g. ``lambda = 0`` with fewer positions than features).
 
 **Position subsampling.** A batch with ``M`` output positions above ``max_positions_per_batch = m`` contributes
