@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -380,6 +380,8 @@ class Search:
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original)
+        self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
+        self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
 
     def macs(self, model: onnx.ModelProto) -> int:
         return measure(model, 0, self.input_shapes).macs
@@ -404,55 +406,74 @@ class Search:
         return calibrate(model, acts, self.fit, moments=True)
 
     def run(self, strategy: str) -> SearchResult:
-        """One greedy pass over the candidates of ``strategy`` (module doc)."""
+        """One greedy pass over the candidates of ``strategy`` (module doc).
+
+        Trials are memoized by (the candidates accepted so far, in order; the candidate): everything a trial does
+        is deterministic, so when the strategies try the same candidate from the same state (e.g. ``merge`` on a
+        model without merge groups repeats ``entropy``), the second gets the first's result without recomputing
+        (its trial says "reused")."""
         t_start = time.perf_counter()
         current = self.exact
         done: list[str] = []
+        path: tuple[tuple[str, ...], ...] = ()  # the accepted candidates, in order: the state's key
         trials: list[Trial] = []
         remaining = list(self.activations)
-        stats = self._stats(current, remaining)
         best: Fidelity | None = None
         for cand in self.ordered(strategy):
             if self.max_remove is not None and len(done) + len(cand.acts) > self.max_remove:
                 continue
             if any(n in done for n in cand.names):
                 continue
-            t0 = time.perf_counter()
-            fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
-            others = kept_nodes(remaining, cand.acts)
-            built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others)
-            fallback = ""
-            if self.mode == "affine" and built.linearized == len(cand.acts):
-                # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
-                # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
-                plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
-                if plain.linearized == len(cand.acts) and self._more_work(built.model, plain.model):
-                    built = plain
-                    fallback = "the affine map would stay as a node: identity + re-fit"
-            if built.linearized != len(cand.acts):
-                trials.append(Trial(cand.names, float("nan"), False, time.perf_counter() - t0, 0, 0,
-                                    note="; ".join(built.notes) or "could not be linearized"))
-                continue
-            model = built.model
-            records: list[RefitRecord] = []
-            if self.refit:
-                targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
-                model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
-                                              batch=self.judge.batch, softmax_head=self.judge.softmax_head)
-            fid = self.judge(model)
-            cost = measure(model, 0, self.input_shapes)
-            trial = Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,
-                          cost.compute_nodes, records, fallback)
+            key = (path, tuple(cand.names))
+            if key in self._memo:
+                trial, model, fid = self._memo[key]
+                reused = "reused: same state and candidate as an earlier trial"
+                trial = replace(trial, note=f"{trial.note}; {reused}" if trial.note else reused)
+            else:
+                trial, model, fid = self._trial(current, path, remaining, cand)
+                self._memo[key] = (trial, model, fid)
             trials.append(trial)
-            if self.progress:
+            if self.progress and fid is not None:
                 self.progress(f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: loss {fid.value:.4f} "
                               f"{'kept' if fid.ok else 'undone'}")
-            log.info("trial %s: fidelity loss %.5f (%s)", cand.names, fid.value, "kept" if fid.ok else "undone")
-            if not fid.ok:
+            if fid is None or not fid.ok:
                 continue
             current, best = model, fid
             done.extend(cand.names)
+            path = (*path, tuple(cand.names))
             remaining = [a for a in remaining if a.name not in done]
-            stats = self._stats(current, remaining)
         return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start)
+
+    def _trial(self, current: onnx.ModelProto, path: tuple, remaining: list[Activation],
+               cand: Candidate) -> tuple[Trial, onnx.ModelProto | None, Fidelity | None]:
+        """Linearize ``cand`` in ``current`` (the state reached by ``path``), fuse, re-fit, measure."""
+        t0 = time.perf_counter()
+        if path not in self._stats_memo:
+            self._stats_memo[path] = self._stats(current, remaining)
+        stats = self._stats_memo[path]
+        fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
+        others = kept_nodes(remaining, cand.acts)
+        built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others)
+        fallback = ""
+        if self.mode == "affine" and built.linearized == len(cand.acts):
+            # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
+            # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
+            plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
+            if plain.linearized == len(cand.acts) and self._more_work(built.model, plain.model):
+                built = plain
+                fallback = "the affine map would stay as a node: identity + re-fit"
+        if built.linearized != len(cand.acts):
+            return (Trial(cand.names, float("nan"), False, time.perf_counter() - t0, 0, 0,
+                          note="; ".join(built.notes) or "could not be linearized"), None, None)
+        model = built.model
+        records: list[RefitRecord] = []
+        if self.refit:
+            targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
+            model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
+                                          batch=self.judge.batch, softmax_head=self.judge.softmax_head)
+        fid = self.judge(model)
+        cost = measure(model, 0, self.input_shapes)
+        log.info("trial %s: fidelity loss %.5f (%s)", cand.names, fid.value, "kept" if fid.ok else "undone")
+        return (Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,
+                      cost.compute_nodes, records, fallback), model, fid)
 

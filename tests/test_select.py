@@ -247,3 +247,20 @@ def test_choose_prefers_shallowest_among_equally_fast() -> None:
     # equal depth and speed: fewer MACs
     lat = {"original": _lat(1.0), "exact": _lat(1.0), "search:entropy": _lat(1.0), "search:merge": _lat(1.0)}
     assert _choose(models, lat, {"search:entropy": 2, "search:merge": 2}, macs) == "search:merge"
+
+
+def test_trials_are_reused_across_strategies(tmp_path: Path) -> None:
+    """A model whose merge strategy has no group to try repeats the entropy strategy's trials: they are reused
+    (same state, same candidate), with the same figures."""
+    m = residual_mlp()
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((400, 16)).astype(np.float32))
+    r = optimize(m, data, tolerance=0.05, strategy="auto")
+    ent, mer = r.report["search"]["entropy"]["trials"], r.report["search"]["merge"]["trials"]
+    reused = [t for t in mer if "reused" in t.get("note", "")]
+    assert reused, mer
+    first = {tuple(t["activations"]): t for t in ent}
+    for t in reused:
+        twin = first[tuple(t["activations"])]
+        assert (t["fidelity"], t["accepted"], t["macs"]) == (twin["fidelity"], twin["accepted"], twin["macs"])
+    assert not any("reused" in t.get("note", "") for t in ent)
