@@ -11,8 +11,9 @@ dim per axis:
 - any other change: unknown (neither value nor param).
 
 Synthetic inputs: standard normal values for float inputs, zeros for integer and bool inputs (valid indices and
-masks). Only models whose graph inputs are tensors with fixed dims except the first can be run this way; for others
-(and when ORT fails) nothing is returned. Data-dependent shapes (NonZero, ...) may differ on real data: a size read
+masks). Only models whose graph inputs are tensors with fixed dims except the first can be run this way, and not
+those with If/Loop/Scan (a synthetic run takes one branch or trip count of many); for others (and when ORT fails)
+nothing is returned. Data-dependent shapes (NonZero, ...) may differ on real data: a size read
 from the synthetic runs is trusted only where the dim did not change between them, and a rank is a property of the
 graph, not of the data.
 """
@@ -82,6 +83,12 @@ def _inputs(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
     return feeds
 
 
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    """If/Loop/Scan: what a synthetic run sees depends on the branch or trip count it happens to take."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in model.graph.node for a in n.attribute)
+
+
 def _batch_name(model: onnx.ModelProto) -> str:
     for inp in model.graph.input:
         dims = inp.type.tensor_type.shape.dim if inp.type.WhichOneof("value") == "tensor_type" else []
@@ -93,7 +100,7 @@ def _batch_name(model: onnx.ModelProto) -> str:
 def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
     """ValueInfoProtos for the tensors ``names`` from two ORT runs (module docstring); [] when the model cannot
     be run on synthetic inputs."""
-    if not names or model.ByteSize() > MAX_BYTES:
+    if not names or model.ByteSize() > MAX_BYTES or _has_subgraphs(model):
         return []
     feeds = [_inputs(model, batch) for batch in (1, 2)]
     if feeds[0] is None or feeds[1] is None:

@@ -69,3 +69,15 @@ def test_unknown_dims_listed_on_request() -> None:
     m = infer_shapes(scaler_mlp())
     assert unknown_tensors(m) == []
     assert unknown_tensors(m, dims=True) == ["s", "h", "a", "Y"]  # their batch dim is symbolic
+
+
+def test_models_with_subgraphs_are_not_run() -> None:
+    m = scaler_mlp()
+    then = helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["s"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    m.graph.node.append(helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [],
+                                                                                            [True])))
+    m.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=then, else_branch=other))
+    assert ort_value_info(m, ["s", "z"]) == []
