@@ -217,6 +217,37 @@ def decisions_table(activations: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def trials_table(report: dict) -> str:
+    """The search trials of each strategy, in the order tried: candidate, fidelity loss, kept or undone, the
+    layers re-fitted (relative error before -> after; a head's KL fit in nats) and the trial's note."""
+    search = report.get("search")
+    if not isinstance(search, dict) or not search:
+        return ""
+    chosen = (report.get("strategy") or {}).get("chosen")
+    head = "".join(f"<th>{h}</th>" for h in ("#", "activations", "fidelity loss", "decision", "re-fit", "note"))
+    out = ["<h2>Search trials</h2>"]
+    for strategy, s in search.items():
+        trials = (s.get("trials") or []) if isinstance(s, dict) else []
+        seconds = s.get("seconds") if isinstance(s, dict) else None
+        mark = " (written)" if strategy == chosen else ""
+        out.append(f"<h3>{_e(strategy)}{_e(mark)}: {len(trials)} trials, {_num(seconds, '.1f')} s</h3>")
+        rows = []
+        for i, t in enumerate(trials, 1):
+            kept = bool(t.get("accepted"))
+            refit = "<br>".join(
+                f"{_e(r.get('node', '?'))}: {_num(r.get('error_before'), '.3g')} &rarr; "
+                f"{_num(r.get('error_after'), '.3g')}{' (KL, nats)' if 'KL' in str(r.get('note', '')) else ''}"
+                f"{'' if r.get('accepted') else ' (not kept)'}"
+                for r in t.get("refit") or [])
+            acts = "<br>".join(_e(a) for a in t.get("activations") or [])
+            klass = ' class="linearized"' if kept else ""
+            num, name = '<td class="num">', '<td class="name">'
+            rows.append(f"<tr{klass}>{num}{i}</td>{name}{acts}</td>{num}{_fidelity_cell(t.get('fidelity'))}</td>"
+                        f"<td>{'kept' if kept else 'undone'}</td>{name}{refit}</td><td>{_e(t.get('note', ''))}</td></tr>")
+        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return "".join(out)
+
+
 def cost_table(report: dict) -> str:
     """Before (and after, with the ratio) for the six cost fields, then nodes per op type."""
     before, after = report.get("before"), report.get("after")
@@ -273,6 +304,7 @@ def render_html(report: dict) -> str:
         entropy_svg(acts),
         "<h2>Decisions</h2>" + decisions_table(acts) if acts else "",
         cost_table(report),
+        trials_table(report),
         _exactness_and_passes(report),
         "</body></html>\n",
     ])

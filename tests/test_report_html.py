@@ -191,3 +191,31 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_html(_report(), tmp_path / "missing" / "r.html")
     assert os.listdir(tmp_path) == []
+
+
+def test_search_trials_table() -> None:
+    report = _report()
+    report["strategy"] = {"chosen": "merge"}
+    report["search"] = {
+        "entropy": {"seconds": 1.5, "trials": [
+            {"activations": ["r1"], "fidelity": 0.004, "accepted": True, "refit": [
+                {"node": "fc2", "error_before": 0.4, "error_after": 0.1, "accepted": True},
+                {"node": "fc2", "error_before": 0.01, "error_after": 0.008, "accepted": True,
+                 "note": "KL re-fit of the head"}]},
+            {"activations": ["r2"], "fidelity": 0.02, "accepted": False, "refit": [],
+             "note": "the affine map would stay as a node: identity + re-fit"}]},
+        "merge": {"seconds": 0.5, "trials": [
+            {"activations": ["r1", EVIL], "fidelity": 0.003, "accepted": True, "refit": [
+                {"node": EVIL, "error_before": 0.2, "error_after": 0.2, "accepted": False}],
+             "note": "reused: same state and candidate as an earlier trial"}]},
+    }
+    page = render_html(report)
+    assert "<h2>Search trials</h2>" in page
+    assert "entropy: 2 trials, 1.5 s" in page and "merge (written): 1 trials, 0.5 s" in page
+    assert "fc2: 0.4 &rarr; 0.1<br>fc2: 0.01 &rarr; 0.008 (KL, nats)" in page and "(not kept)" in page
+    assert "identity + re-fit" in page and "reused" in page
+    assert "<script>" not in page
+    parser = _Page()
+    parser.feed(page)
+    assert not parser.errors and not parser.stack
+    assert "Search trials" not in render_html(_report())  # no search block: no section
