@@ -101,15 +101,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         _LOG.warning("shape inference failed (%s); channel counts may be unknown", first)
         return model
-    from onnx_easier.ort_shapes import ort_value_info, unknown_tensors  # here: import cycle via calibrate
+    from onnx_easier.ort_shapes import fill_unknown  # here: import cycle via calibrate
 
-    missing = unknown_tensors(out)
-    if missing:  # ops without ONNX shape inference (ai.onnx.ml): ask ONNX Runtime
-        found = ort_value_info(out, missing)
-        names = {vi.name for vi in found}
-        kept = [vi for vi in out.graph.value_info if vi.name not in names]
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(kept + found)
+    fill_unknown(out)  # ops without ONNX shape inference (ai.onnx.ml): ask ONNX Runtime
     return out
 
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import shape_inference
 
 from onnx_easier.data import fixed_batch, input_specs
-from onnx_easier.ort_shapes import ort_value_info, unknown_tensors
+from onnx_easier.ort_shapes import fill_unknown
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -73,13 +73,7 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
         return m
     # sizes inference leaves unknown (ops without inference, Shape arithmetic it cannot follow): from ORT, which
     # can run the model once every input dim is concrete
-    missing = unknown_tensors(inferred, dims=True)
-    found = ort_value_info(inferred, missing) if missing else []
-    if found:
-        names = {vi.name for vi in found}
-        kept = [vi for vi in inferred.graph.value_info if vi.name not in names]
-        del inferred.graph.value_info[:]
-        inferred.graph.value_info.extend(kept + found)
+    fill_unknown(inferred, dims=True)
     return inferred
 
 

@@ -7,7 +7,7 @@ and 2, exposing ``names``; for each tensor it returns a ValueInfoProto with the 
 dim per axis:
 
 - a dim equal in both runs: that size (``dim_value``);
-- a dim that is 1 then 2: the batch dim (``dim_param`` = the first input's batch name, ``N`` if it has none);
+- a dim that is 1 then 2: the batch dim (``dim_param`` = the inputs' first symbolic batch name, else ``N``);
 - any other change: unknown (neither value nor param).
 
 Synthetic inputs: standard normal values for float inputs, zeros for integer and bool inputs (valid indices and
@@ -26,6 +26,8 @@ import onnx
 from onnx import helper
 
 from onnx_easier.calibrate import augment
+from onnx_easier.data import InputSpec, input_specs
+from onnx_easier.errors import OnnxEasierError
 from onnx_easier.model_io import make_session
 
 _LOG = logging.getLogger(__name__)
@@ -60,26 +62,20 @@ def _unknown(t: onnx.TypeProto | None, dims: bool) -> bool:
     return dims and any(not d.HasField("dim_value") for d in shape.shape.dim)
 
 
-def _inputs(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray] | None:
-    inits = {t.name for t in model.graph.initializer}
+def _inputs(specs: list[InputSpec], batch: int) -> dict[str, np.ndarray] | None:
+    """Synthetic feeds with ``batch`` samples (a fixed first dim stays as it is); None unless every dim but the
+    first is fixed."""
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        if inp.type.WhichOneof("value") != "tensor_type":
+    for spec in specs:
+        if not spec.shape or not all(isinstance(d, int) for d in spec.shape[1:]):
             return None
-        tt = inp.type.tensor_type
-        dims = list(tt.shape.dim) if tt.HasField("shape") else None
-        if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
-            return None
-        first = dims[0].dim_value if dims[0].HasField("dim_value") else batch  # a fixed batch stays as it is
-        shape = (first, *(d.dim_value for d in dims[1:]))
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        first = spec.shape[0] if isinstance(spec.shape[0], int) else batch
+        shape = (first, *spec.shape[1:])
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
-            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feeds
 
 
@@ -89,20 +85,16 @@ def _has_subgraphs(model: onnx.ModelProto) -> bool:
                for n in model.graph.node for a in n.attribute)
 
 
-def _batch_name(model: onnx.ModelProto) -> str:
-    for inp in model.graph.input:
-        dims = inp.type.tensor_type.shape.dim if inp.type.WhichOneof("value") == "tensor_type" else []
-        if dims and dims[0].HasField("dim_param") and dims[0].dim_param:
-            return dims[0].dim_param
-    return "N"
-
-
 def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
     """ValueInfoProtos for the tensors ``names`` from two ORT runs (module docstring); [] when the model cannot
     be run on synthetic inputs."""
     if not names or model.ByteSize() > MAX_BYTES or _has_subgraphs(model):
         return []
-    feeds = [_inputs(model, batch) for batch in (1, 2)]
+    try:
+        specs = input_specs(model)
+    except OnnxEasierError:  # an input that is not a typed tensor
+        return []
+    feeds = [_inputs(specs, batch) for batch in (1, 2)]
     if feeds[0] is None or feeds[1] is None:
         return []
     try:
@@ -112,7 +104,7 @@ def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueI
     except Exception as exc:  # noqa: BLE001 - any failure only means no extra shapes
         _LOG.debug("shapes from ONNX Runtime unavailable: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return []
-    batch_name = _batch_name(model)
+    batch_name = next((sp.shape[0] for sp in specs if isinstance(sp.shape[0], str)), "N")
     out: list[onnx.ValueInfoProto] = []
     for name in wanted:
         a, b = runs[0].get(name), runs[1].get(name)
@@ -124,3 +116,14 @@ def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueI
         elem = helper.np_dtype_to_tensor_dtype(a.dtype)
         out.append(helper.make_tensor_value_info(name, elem, dims))
     return out
+
+
+def fill_unknown(model: onnx.ModelProto, *, dims: bool = False) -> None:
+    """Replace, in ``model``'s value_info, the entries of ``unknown_tensors(model, dims=dims)`` by what
+    ``ort_value_info`` reads for them (in place; nothing changes when the model cannot be run)."""
+    found = ort_value_info(model, unknown_tensors(model, dims=dims))
+    if found:
+        names = {vi.name for vi in found}
+        kept = [vi for vi in model.graph.value_info if vi.name not in names]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept + found)

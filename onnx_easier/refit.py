@@ -351,8 +351,8 @@ def fit_layer(
         if check.positions == 0:
             raise ValueError("the holdout iterable is empty")
         before = check.relative_error(layer)
-        after, chosen, fitted = min(((check.relative_error(f), r, f) for r in ridges
-                                     for f in [equations.solve(r)]), key=lambda t: t[0])
+        solved = [(r, equations.solve(r)) for r in ridges]
+        after, chosen, fitted = min(((check.relative_error(f), r, f) for r, f in solved), key=lambda t: t[0])
     accepted = after < before
     result = RefitResult(
         error_before=before,

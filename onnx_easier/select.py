@@ -97,6 +97,24 @@ def kept_nodes(acts: list[Activation], removed: Collection[Activation] = ()) -> 
     return {n for a in acts if a.name not in gone for n in a.nodes}
 
 
+def _nearest_layers(start: list[gs.Tensor], seen: set[int], forward: bool) -> list[gs.Node]:
+    """The layer nodes (Conv/Gemm/MatMul) reached from the tensors ``start`` through non-layer nodes only:
+    downstream (``forward``) or upstream. ``seen`` (node ids) is shared across calls and updated."""
+    layers: list[gs.Node] = []
+    todo = list(start)
+    while todo:
+        t = todo.pop()
+        for n in t.outputs if forward else t.inputs:
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op in LAYER_OPS:
+                layers.append(n)
+            else:
+                todo.extend(n.outputs if forward else n.inputs)
+    return layers
+
+
 def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth: int = REFIT_DEPTH) -> list[str]:
     """Names of the layer nodes (Conv/Gemm/MatMul) within ``depth`` layers downstream of each activation's output
     (or, when the identity linearization removed that tensor, its input), through any non-layer nodes."""
@@ -107,23 +125,11 @@ def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth:
         start = tensors.get(act.output) or tensors.get(act.input)
         if start is None:
             continue
-        frontier, seen = [start], set()
+        frontier: list[gs.Tensor] = [start]
+        seen: set[int] = set()
         for _ in range(depth):
-            layers: list[gs.Node] = []
-            todo = list(frontier)
-            while todo:
-                t = todo.pop()
-                for n in t.outputs:
-                    if id(n) in seen:
-                        continue
-                    seen.add(id(n))
-                    if n.op in LAYER_OPS:
-                        layers.append(n)
-                    else:
-                        todo.extend(n.outputs)
-            for n in layers:
-                if n.name not in found:
-                    found.append(n.name)
+            layers = _nearest_layers(frontier, seen, forward=True)
+            found.extend(n.name for n in layers if n.name not in found)
             frontier = [o for n in layers for o in n.outputs]
     return found
 
@@ -133,21 +139,7 @@ def output_layers(model: onnx.ModelProto) -> list[str]:
 
     Re-fitting them to the original's outputs after every change makes the head absorb what it can of the error
     upstream: their target is the very tensor the fidelity compares."""
-    graph = to_graph(model)
-    found: list[str] = []
-    todo = list(graph.outputs)
-    seen: set[int] = set()
-    while todo:
-        t = todo.pop()
-        for n in t.inputs:
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if n.op in LAYER_OPS:
-                found.append(n.name)
-            else:
-                todo.extend(n.inputs)
-    return found
+    return [n.name for n in _nearest_layers(list(to_graph(model).outputs), set(), forward=False)]
 
 
 def fused_names(fusion: FusionResult, originals: list[str], model: onnx.ModelProto) -> list[str]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_easier.fidelity import kl_per_sample, log_probabilities
+
 MAX_ITER = 300
 CHECK_EVERY = 5
 PATIENCE = 4
@@ -54,15 +56,15 @@ class SoftmaxFit:
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise ``log softmax`` of ``z [N, K]`` (shifted by the row maximum)."""
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    """Row-wise ``log softmax`` of logits ``z [N, K]`` (fidelity.log_probabilities, the metric's own)."""
+    return log_probabilities(z, probabilities=False)
 
 
 def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """``(1/N) sum_n KL(softmax(ref_n) || softmax(logits_n))`` in nats."""
-    lp, lq = log_softmax(ref_logits), log_softmax(logits)
-    return float((np.exp(lp) * (lp - lq)).sum(axis=1).mean()) if len(lp) else 0.0
+    """``(1/N) sum_n KL(softmax(ref_n) || softmax(logits_n))`` in nats, as the agreement metric computes it."""
+    if not len(ref_logits):
+        return 0.0
+    return float(kl_per_sample(log_softmax(ref_logits), log_softmax(logits)).mean())
 
 
 def _design(x: np.ndarray) -> np.ndarray:
@@ -88,8 +90,8 @@ def fit_softmax(
     a = _design(np.asarray(x, np.float64))
     ac = _design(np.asarray(check_x, np.float64))
     zc = np.asarray(check_logits, np.float64)
-    p = np.exp(log_softmax(np.asarray(ref_logits, np.float64)))
-    lp = np.log(np.maximum(p, 1e-300))
+    lp = log_softmax(np.asarray(ref_logits, np.float64))
+    p = np.exp(lp)
     n, f1 = a.shape
     v = np.vstack([np.asarray(weight, np.float64).T, np.asarray(bias, np.float64)[None, :]])
     gram = a.T @ a / n
