@@ -11,7 +11,13 @@ seeing the changes made to earlier ones. A fit is kept only if it lowers the err
 disjoint from the fit batches (and from the fidelity samples the caller keeps apart).
 
 A Conv followed by a constant bias-map Add (what fusion emits when biases leak into a padded border) is fitted
-through it: the target is the Add's output minus the map, which stays as it is. Skipped, with a note: a layer whose
+through it: the target is the Add's output minus the map, which stays as it is.
+
+Residual branches: when the layer's output (after that bias) is read only by an Add whose other input ``s`` is a
+tensor of the current model that does not depend on the layer, and the Add's output exists in the original, the
+target is ``y_original(Add) - s_current``: the layer then also makes up for what changed on the other branch (a
+linearized ReLU upstream of an identity skip reaches the sum through ``s``). Where ``s`` is unchanged this is the
+plain target (``y_original(Add) - s_original = y_original(L)``). Skipped, with a note: a layer whose
 output is not an original tensor, whose weights are not constants, whose normal equations exceed the memory bound
 (refit.RefitTooLarge).
 """
@@ -69,10 +75,12 @@ class _Site:
     x: str  # input tensor name
     y: str  # target tensor name (the original model's)
     last: bool  # channel-last tokens ([N, ..., F]): reshape to [N*T, F]
+    skip: str | None = None  # the other addend of a residual Add that ``y`` names: subtracted from the target
 
 
-def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
-    """The re-fittable layer at ``node``, or why not."""
+def _site(graph: gs.Graph, node: gs.Node, known: set[str]) -> _Site | str:
+    """The re-fittable layer at ``node``, or why not; ``known``: the original's tensor names (a residual target
+    needs the Add's output among them)."""
     if node.op not in LAYER_OPS:
         return f"{node.op} is not a layer"
     el = recognise(node)
@@ -96,6 +104,7 @@ def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
             if len(other) == 1 and is_constant(other[0]) and np.asarray(other[0].values).ndim <= 1:
                 bias_add = reader
                 out = reader.outputs[0]
+    out, skip = _residual(graph, node, out, known)
     layer = el.layer
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     last = node.op == "MatMul" and (rank is None or rank > 2)
@@ -103,7 +112,30 @@ def _site(graph: gs.Graph, node: gs.Node) -> _Site | str:
         bias = np.broadcast_to(np.asarray(bias_add.inputs[1 - bias_add.inputs.index(node.outputs[0])].values,
                                           np.float64), (layer.cout,))
         layer = ConvLayer(layer.weight, layer.bias + bias, layer.strides, layer.dilations, layer.pads, layer.groups)
-    return _Site(node, bias_add, layer, offset, node.inputs[0].name, out.name, last)
+    return _Site(node, bias_add, layer, offset, node.inputs[0].name, out.name, last, skip)
+
+
+def _residual(graph: gs.Graph, node: gs.Node, out: gs.Tensor, known: set[str]) -> tuple[gs.Tensor, str | None]:
+    """(the Add's output, its other input's name) when ``out`` is read only by a two-input Add whose output is in
+    ``known`` and whose other input is a variable tensor of the same shape that does not depend on ``node``; else
+    (``out``, None)."""
+    reader = single_consumer(graph, out)
+    if (reader is None or reader.op != "Add" or len(reader.inputs) != 2 or reader.inputs[0] is reader.inputs[1]
+            or reader.outputs[0].name not in known):
+        return out, None
+    other = reader.inputs[1 - reader.inputs.index(out)]
+    if is_constant(other) or other.shape is None or out.shape is None or list(other.shape) != list(out.shape):
+        return out, None
+    todo, seen = [other], set()
+    while todo:  # ancestors of the other addend: it must not read the layer
+        t = todo.pop()
+        for n in t.inputs:
+            if n is node:
+                return out, None
+            if id(n) not in seen:
+                seen.add(id(n))
+                todo.extend(n.inputs)
+    return reader.outputs[0], other.name
 
 
 def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer, tag: str = "refit") -> None:
@@ -178,17 +210,22 @@ class Targets:
 
 def _pairs(current: onnx.ModelProto, targets: Targets, site: _Site, data: CalibrationData,
            batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(layer input from the current model, target from the original minus the layer's fixed offset) per batch."""
+    """(layer input from the current model, target from the original minus the layer's fixed offset and minus the
+    current residual addend) per batch."""
     x, y, last = site.x, site.y, site.last
-    sc = make_session(augment(current, [x]))
+    names = [x] if site.skip is None else [x, site.skip]
+    sc = make_session(augment(current, names))
     for feed, yv in zip(data.batches(batch), targets.batches(y, data, batch)):
-        xv = sc.run([x], feed)[0]
+        got = sc.run(names, feed)
+        xv = got[0]
+        yv = yv.astype(np.float64)
+        if site.skip is not None:
+            yv = yv - got[1].astype(np.float64)
+        if site.offset is not None:
+            yv = yv - site.offset
         if last:
             xv = xv.reshape(-1, xv.shape[-1])
             yv = yv.reshape(-1, yv.shape[-1])
-        yv = yv.astype(np.float64)
-        if site.offset is not None:
-            yv = yv - site.offset
         yield xv.astype(np.float64), yv
 
 
@@ -223,7 +260,7 @@ def refit_layers(
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None:
             continue
-        site = _site(graph, node)
+        site = _site(graph, node, original_names)
         if isinstance(site, str):
             log.debug("refit %s skipped: %s", name, site)
             continue
@@ -279,7 +316,7 @@ def _stack(rows: list, max_bytes: int = HEAD_BYTES) -> tuple[np.ndarray, np.ndar
 
 def _is_head(site: _Site, model: onnx.ModelProto) -> bool:
     """A dense layer (no token axis, no fixed offset) whose output is a graph output: the logits themselves."""
-    return (site.layer.nd == 0 and not site.last and site.offset is None
+    return (site.layer.nd == 0 and not site.last and site.offset is None and site.skip is None
             and site.y in {o.name for o in model.graph.output})
 
 

@@ -38,6 +38,7 @@ from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
+from onnx_easier.graph_utils import is_constant
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
@@ -97,9 +98,11 @@ def kept_nodes(acts: list[Activation], removed: Collection[Activation] = ()) -> 
     return {n for a in acts if a.name not in gone for n in a.nodes}
 
 
-def _nearest_layers(start: list[gs.Tensor], seen: set[int], forward: bool) -> list[gs.Node]:
+def _nearest_layers(start: list[gs.Tensor], seen: set[int], forward: bool,
+                    through: list[gs.Node] | None = None) -> list[gs.Node]:
     """The layer nodes (Conv/Gemm/MatMul) reached from the tensors ``start`` through non-layer nodes only:
-    downstream (``forward``) or upstream. ``seen`` (node ids) is shared across calls and updated."""
+    downstream (``forward``) or upstream. ``seen`` (node ids) is shared across calls and updated; the non-layer
+    nodes passed are appended to ``through`` when given."""
     layers: list[gs.Node] = []
     todo = list(start)
     while todo:
@@ -111,13 +114,17 @@ def _nearest_layers(start: list[gs.Tensor], seen: set[int], forward: bool) -> li
             if n.op in LAYER_OPS:
                 layers.append(n)
             else:
+                if through is not None:
+                    through.append(n)
                 todo.extend(n.outputs if forward else n.inputs)
     return layers
 
 
 def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth: int = REFIT_DEPTH) -> list[str]:
     """Names of the layer nodes (Conv/Gemm/MatMul) within ``depth`` layers downstream of each activation's output
-    (or, when the identity linearization removed that tensor, its input), through any non-layer nodes."""
+    (or, when the identity linearization removed that tensor, its input), through any non-layer nodes; then the
+    layers that end the other branch of every Add so reached (a residual block's last conv, fed the changed tensor
+    through its skip: its re-fit target subtracts the skip, reconstruct.py)."""
     graph = to_graph(reference)
     tensors = graph.tensors()
     found: list[str] = []
@@ -127,10 +134,17 @@ def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth:
             continue
         frontier: list[gs.Tensor] = [start]
         seen: set[int] = set()
+        through: list[gs.Node] = []
+        reached = {id(start)}
         for _ in range(depth):
-            layers = _nearest_layers(frontier, seen, forward=True)
+            layers = _nearest_layers(frontier, seen, forward=True, through=through)
             found.extend(n.name for n in layers if n.name not in found)
             frontier = [o for n in layers for o in n.outputs]
+            reached.update(id(o) for n in (*layers, *through) for o in n.outputs)
+        for add in (n for n in through if n.op == "Add"):
+            others = [t for t in add.inputs if id(t) not in reached and not is_constant(t)]
+            siblings = _nearest_layers(others, set(map(id, through)), forward=False)
+            found.extend(n.name for n in siblings if n.name not in found)
     return found
 
 

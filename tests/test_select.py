@@ -264,3 +264,73 @@ def test_trials_are_reused_across_strategies(tmp_path: Path) -> None:
         twin = first[tuple(t["activations"])]
         assert (t["fidelity"], t["accepted"], t["macs"]) == (twin["fidelity"], twin["accepted"], twin["macs"])
     assert not any("reused" in t.get("note", "") for t in ent)
+
+
+def test_downstream_layers_include_the_other_branch_of_a_residual_add() -> None:
+    """r1's output a1 feeds w2a and the identity skip into add2: the layers re-fitted after linearizing r1 are w2a,
+    w3 (past add2 and r2), and w2b, which ends add2's other branch; nothing upstream of r1."""
+    from onnx_easier.activations import find_activations, infer_shapes
+    from onnx_easier.model_io import to_graph
+    from onnx_easier.select import downstream_layers
+
+    m = infer_shapes(residual_mlp())
+    acts = {a.name: a for a in find_activations(to_graph(m))}
+    assert downstream_layers(m, [acts["r1"]]) == ["w2a", "w3", "w2b"]
+    assert downstream_layers(m, [acts["r2"]]) == ["w3"]  # no Add after r2
+    # from r0 through the skip: add1, r1, add2, r2 are all non-layer nodes, so both Adds' other branches count
+    assert downstream_layers(m, [acts["r0"]]) == ["w1a", "w2a", "w3", "w1b", "w2b"]
+
+
+def _skip_model(p: np.ndarray, p_bias: np.ndarray, w: np.ndarray, b: np.ndarray, extra: bool = False) -> onnx.ModelProto:
+    """y = Gemm_w(x) + Gemm_p(x) (``extra``: + Relu(Gemm_w(x)) too, a second addend that reads the layer)."""
+    def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(arr.astype(np.float32), name)
+
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, name="fc"),
+             helper.make_node("Gemm", ["x", "p", "pb"], ["s"], transB=1, name="skip")]
+    if extra:
+        nodes += [helper.make_node("Relu", ["h"], ["rh"], name="r"), helper.make_node("Add", ["h", "rh"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Add", ["h", "s"], ["y"], name="add"))
+    g = helper.make_graph(nodes, "skip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                          [init("w", w), init("b", b), init("p", p), init("pb", p_bias)])
+    if extra:
+        g.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 6]))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_residual_target_makes_up_for_a_changed_skip() -> None:
+    """The current model's skip branch differs from the original's (P2, p2 instead of P, p): re-fitting fc to
+    y_original - s_current recovers W + P - P2 and b + p - p2 exactly, so the sum matches the original in ORT."""
+    rng = np.random.default_rng(3)
+    w, b, p, pb = rng.standard_normal((6, 8)), rng.standard_normal(6), rng.standard_normal((6, 8)), rng.standard_normal(6)
+    p2, pb2 = p + rng.standard_normal((6, 8)) * 0.3, pb + 0.5
+    original, current = _skip_model(p, pb, w, b), _skip_model(p2, pb2, w, b)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    fit, check = CalibrationData("t", 200, {"x": x[:200]}), CalibrationData("t", 100, {"x": x[200:]})
+    model, records = refit_layers(current, original, ["fc"], fit, check, ridge=1e-9)
+    assert [(r.node, r.target, r.accepted) for r in records] == [("fc", "y", True)]
+    assert records[0].error_after < 1e-5 < records[0].error_before
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    fc = next(n for n in model.graph.node if n.name == "fc")
+    np.testing.assert_allclose(weights[fc.input[1]], w + p - p2, atol=1e-4)
+    np.testing.assert_allclose(weights[fc.input[2]], b + pb - pb2, atol=1e-4)
+    y0 = make_session(original).run(["y"], {"x": x[200:]})[0]
+    np.testing.assert_allclose(make_session(model).run(["y"], {"x": x[200:]})[0], y0, atol=1e-4)
+
+
+def test_residual_target_not_used_when_the_other_addend_reads_the_layer() -> None:
+    """y = h + Relu(h): the other addend depends on fc itself, so fc keeps its own output h as target."""
+    rng = np.random.default_rng(4)
+    w, b, p, pb = rng.standard_normal((6, 8)), rng.standard_normal(6), rng.standard_normal((6, 8)), rng.standard_normal(6)
+    original = _skip_model(p, pb, w, b, extra=True)
+    current = _skip_model(p, pb, w * 1.1, b, extra=True)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    fit, check = CalibrationData("t", 200, {"x": x[:200]}), CalibrationData("t", 100, {"x": x[200:]})
+    model, records = refit_layers(current, original, ["fc"], fit, check, ridge=1e-9)
+    assert [(r.node, r.target, r.accepted) for r in records] == [("fc", "h", True)]
+    np.testing.assert_allclose(make_session(model).run(["y"], {"x": x[200:]})[0],
+                               make_session(original).run(["y"], {"x": x[200:]})[0], atol=1e-4)
