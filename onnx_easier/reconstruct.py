@@ -281,8 +281,9 @@ def refit_layers(
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
             continue
         seconds = time.perf_counter() - t0
+        note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""
         records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),
-                                   seconds, ridge=res.ridge))
+                                   seconds, note, res.ridge))
         if res.accepted:
             _write_back(graph, site, new)
             model = to_model(graph, model)

@@ -236,7 +236,7 @@ def trials_table(report: dict) -> str:
             kept = bool(t.get("accepted"))
             refit = "<br>".join(
                 f"{_e(r.get('node', '?'))}: {_num(r.get('error_before'), '.3g')} &rarr; "
-                f"{_num(r.get('error_after'), '.3g')}{' (KL, nats)' if 'KL' in str(r.get('note', '')) else ''}"
+                f"{_num(r.get('error_after'), '.3g')}{' (KL, nats)' if _is_kl(r) else ''}"
                 f"{'' if r.get('accepted') else ' (not kept)'}"
                 for r in t.get("refit") or [])
             acts = "<br>".join(_e(a) for a in t.get("activations") or [])
@@ -314,3 +314,8 @@ def write_html(report: dict, path: str | os.PathLike) -> None:
     """Write the page atomically (model_io.write_atomically)."""
     write_atomically(path, render_html(report).encode("utf-8"))
     log.info("wrote the HTML report to %s (%d activations)", path, len(report.get("activations") or []))
+
+
+def _is_kl(record: dict) -> bool:
+    """A head's KL re-fit (its errors are mean KL in nats, not relative errors)."""
+    return str(record.get("note", "")).startswith("KL re-fit")

@@ -312,6 +312,7 @@ def test_residual_target_makes_up_for_a_changed_skip() -> None:
     model, records = refit_layers(current, original, ["fc"], fit, check, ridge=1e-9)
     assert [(r.node, r.target, r.accepted) for r in records] == [("fc", "y", True)]
     assert records[0].error_after < 1e-5 < records[0].error_before
+    assert records[0].note == "residual target: y of the original minus s of this model"
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
