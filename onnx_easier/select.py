@@ -39,6 +39,7 @@ from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
+from onnx_easier.graph_utils import is_constant
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
@@ -123,10 +124,8 @@ def _nearest_layers(start: list[gs.Tensor], seen: set[int], forward: bool,
 def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth: int = REFIT_DEPTH) -> list[str]:
     """Names of the layer nodes (Conv/Gemm/MatMul) within ``depth`` layers downstream of each activation's output
     (or, when the identity linearization removed that tensor, its input), through any non-layer nodes; then the
-    sibling layers: those that end the other branch of a residual Add reached from the activation, or from the
-    layers found, through non-layer nodes, when that branch reads the changed tensor too (a ResNet block's last
-    conv after the skip carries a linearized ReLU's output; the next FFN's second MatMul after an FFN collapsed).
-    Their re-fit target subtracts the changed addend (reconstruct.py), so they make up for it."""
+    layers that end the other branch of every Add so reached (a residual block's last conv, fed the changed tensor
+    through its skip: its re-fit target subtracts the skip, reconstruct.py)."""
     graph = to_graph(reference)
     tensors = graph.tensors()
     found: list[str] = []
@@ -137,31 +136,17 @@ def downstream_layers(reference: onnx.ModelProto, acts: list[Activation], depth:
         frontier: list[gs.Tensor] = [start]
         seen: set[int] = set()
         through: list[gs.Node] = []
+        reached = {id(start)}
         for _ in range(depth):
             layers = _nearest_layers(frontier, seen, forward=True, through=through)
             found.extend(n.name for n in layers if n.name not in found)
             frontier = [o for n in layers for o in n.outputs]
-        _nearest_layers(frontier, seen, forward=True, through=through)  # the Adds just past the last layers
-        changed, passed = _descendants(start), set(map(id, through))
+            reached.update(id(o) for n in (*layers, *through) for o in n.outputs)
         for add in (n for n in through if n.op == "Add"):
-            # the other branch: an input computed from the changed tensor, but not along the path walked here
-            others = [t for t in add.inputs if id(t) in changed and t is not start
-                      and not (t.inputs and id(t.inputs[0]) in passed)]
-            siblings = _nearest_layers(others, set(passed), forward=False)
+            others = [t for t in add.inputs if id(t) not in reached and not is_constant(t)]
+            siblings = _nearest_layers(others, set(map(id, through)), forward=False)
             found.extend(n.name for n in siblings if n.name not in found)
     return found
-
-
-def _descendants(start: gs.Tensor) -> set[int]:
-    """Ids of the tensors computed from ``start`` (itself included)."""
-    out, todo = {id(start)}, [start]
-    while todo:
-        for n in todo.pop().outputs:
-            for o in n.outputs:
-                if id(o) not in out:
-                    out.add(id(o))
-                    todo.append(o)
-    return out
 
 
 def output_layers(model: onnx.ModelProto) -> list[str]:
