@@ -289,17 +289,19 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
 
 
 def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], linearized: dict[str, int],
-            macs: Callable[[str], int]) -> str:
+            macs: Callable[[str], int], loss: dict[str, float] | None = None) -> str:
     """The model to write: among those not slower than the original (median latency within NOISE_MARGIN of it),
     the shallowest of those as fast as the fastest (within NOISE_MARGIN of it: timing noise cannot order them),
-    i.e. the most activations linearized, then the fewest MACs, then the lowest latency. "original" if none."""
+    i.e. the most activations linearized, then the fewest MACs, then the lowest fidelity ``loss`` (0 where not
+    given: the exact model), then the lowest latency. "original" if none."""
     base = lat["original"].median_ms
     fast = [k for k in models if k != "original" and lat[k].median_ms <= base * (1 + NOISE_MARGIN)]
     if not fast:
         return "original"
     best = min(lat[k].median_ms for k in fast)
     ties = [k for k in fast if lat[k].median_ms <= best * (1 + NOISE_MARGIN)]
-    return min(ties, key=lambda k: (-linearized.get(k, 0), macs(k), lat[k].median_ms))
+    loss = loss or {}
+    return min(ties, key=lambda k: (-linearized.get(k, 0), macs(k), loss.get(k, 0.0), lat[k].median_ms))
 
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
@@ -332,7 +334,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
     lat = measure_latency(models, feeds, provider=provider)
     chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
-                     lambda k: measure(models[k], 0, shapes).macs)
+                     lambda k: measure(models[k], 0, shapes).macs,
+                     {f"search:{r.strategy}": r.fidelity.value for r in results if r.fidelity is not None})
     note = None
     if chosen in ("exact", "original") and any(r.linearized for r in results):
         note = "no linearization made the model faster: only the exact fusions were kept"

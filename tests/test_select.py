@@ -247,6 +247,12 @@ def test_choose_prefers_shallowest_among_equally_fast() -> None:
     # equal depth and speed: fewer MACs
     lat = {"original": _lat(1.0), "exact": _lat(1.0), "search:entropy": _lat(1.0), "search:merge": _lat(1.0)}
     assert _choose(models, lat, {"search:entropy": 2, "search:merge": 2}, macs) == "search:merge"
+    # equal depth, MACs and speed: the lower fidelity loss, before a latency difference within the noise
+    same = {"original": 10, "exact": 10, "search:entropy": 8, "search:merge": 8}.__getitem__
+    lat["search:merge"] = _lat(0.99)
+    two = {"search:entropy": 2, "search:merge": 2}
+    assert _choose(models, lat, two, same) == "search:merge"
+    assert _choose(models, lat, two, same, {"search:entropy": 0.004, "search:merge": 0.006}) == "search:entropy"
 
 
 def test_trials_are_reused_across_strategies(tmp_path: Path) -> None:
