@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnx_easier.activations import Activation
@@ -214,6 +215,44 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` with ``tensors`` added as graph outputs (element type from shape inference when it is
     known; no shape). Tensors that already are graph outputs are not added again."""
     return _augment(model, tensors, _inferred_types(model))
+
+
+def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``tensors`` (in that order) and whose nodes and initializers are only
+    those they are computed from (every graph input stays, so the same feeds serve). ONNX Runtime runs every node of
+    a graph whatever the fetches: an early tensor costs a whole forward pass unless the rest is cut away. Models with
+    subgraphs (If/Loop/Scan bodies may read outer tensors implicitly) are not cut, only ``augment``-ed."""
+    out = augment(model, tensors)
+    g = out.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return out
+    producer = {o: n for n in g.node for o in n.output}
+    needed: set[str] = set()
+    todo = list(tensors)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None:
+            todo.extend(i for i in node.input if i)
+    by_name = {o.name: o for o in g.output}
+    keep = {"node": [n for n in g.node if any(o in needed for o in n.output)],
+            "initializer": [t for t in g.initializer if t.name in needed],
+            "value_info": [v for v in g.value_info if v.name in needed],
+            "output": [by_name[t] for t in dict.fromkeys(tensors)]}
+    for field, items in keep.items():
+        copies = [_copy(m) for m in items]  # detached before the repeated field is cleared
+        del getattr(g, field)[:]
+        getattr(g, field).extend(copies)
+    return out
+
+
+def _copy(message: Message) -> Message:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

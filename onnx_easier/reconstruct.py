@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_easier.activations import infer_shapes
-from onnx_easier.calibrate import augment
+from onnx_easier.calibrate import upstream
 from onnx_easier.data import CalibrationData
 from onnx_easier.graph_utils import is_constant, single_consumer
 from onnx_easier.linear_math import ConvLayer, to_dense
@@ -192,7 +192,7 @@ class Targets:
             self._store[key] = self._store.pop(key)  # most recently used last
             yield from self._store[key]
             return
-        session = make_session(augment(self.original, [name]))
+        session = make_session(upstream(self.original, [name]))
         kept: list[np.ndarray] | None = []
         size = 0
         for feed in data.batches(batch):
@@ -214,7 +214,7 @@ def _pairs(current: onnx.ModelProto, targets: Targets, site: _Site, data: Calibr
     current residual addend) per batch."""
     x, y, last = site.x, site.y, site.last
     names = [x] if site.skip is None else [x, site.skip]
-    sc = make_session(augment(current, names))
+    sc = make_session(upstream(current, names))
     for feed, yv in zip(data.batches(batch), targets.batches(y, data, batch)):
         got = sc.run(names, feed)
         xv = got[0]

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_easier import calibrate as calibrate_module
 from onnx_easier.activations import Activation
-from onnx_easier.calibrate import ChannelStats, augment, calibrate
+from onnx_easier.calibrate import ChannelStats, augment, calibrate, upstream
 from onnx_easier.data import CalibrationData, input_specs, load_data
 from onnx_easier.entropy import layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
@@ -316,6 +316,51 @@ def test_augment() -> None:
     assert got.shape == (2, C, HW, HW)
     with pytest.raises(OnnxEasierError, match="'nope' is not in the model's main graph"):
         augment(model, ["nope"])
+
+
+def test_upstream_keeps_only_what_the_tensors_need() -> None:
+    """x -> Conv (w0) -> Relu -> Conv (w1) -> Add(., x-branch Conv w2) -> Relu -> y: asking for the first Relu keeps
+    two nodes and one weight; asking for the Add's output keeps its both branches; values equal the full model's."""
+    rng = np.random.default_rng(0)
+    w = {f"w{i}": numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), f"w{i}")
+         for i in range(3)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"]), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"]), helper.make_node("Conv", ["x", "w2"], ["c2"]),
+             helper.make_node("Add", ["c1", "c2"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", F32, ["N", 3, 4, 4])], list(w.values()))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    full = make_session(augment(model, ["r0", "s"])).run(["r0", "s"], {"x": x})
+    cut = upstream(model, ["r0"])
+    assert [n.op_type for n in cut.graph.node] == ["Conv", "Relu"]
+    assert [t.name for t in cut.graph.initializer] == ["w0"]
+    assert [o.name for o in cut.graph.output] == ["r0"] and [i.name for i in cut.graph.input] == ["x"]
+    np.testing.assert_array_equal(make_session(cut).run(["r0"], {"x": x})[0], full[0])
+    both = upstream(model, ["s", "x", "r0"])
+    assert [o.name for o in both.graph.output] == ["s", "x", "r0"]
+    assert [n.op_type for n in both.graph.node] == ["Conv", "Relu", "Conv", "Conv", "Add"]
+    got = make_session(both).run(["s", "x", "r0"], {"x": x})
+    np.testing.assert_array_equal(got[0], full[1])
+    np.testing.assert_array_equal(got[1], x)
+    assert model.SerializeToString() == before
+
+
+def test_upstream_does_not_cut_graphs_with_subgraphs() -> None:
+    """A body may read an outer tensor without naming it as an input: such models are only augmented."""
+    then = helper.make_graph([helper.make_node("Identity", ["c0"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", F32, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["c0"]), helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0),
+             helper.make_node("Greater", ["sum", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=then)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N"])],
+                          [helper.make_tensor_value_info("y", F32, None)],
+                          [numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    cut = upstream(model, ["cond"])
+    assert len(cut.graph.node) == 4
+    assert [o.name for o in cut.graph.output][-1] == "cond"
 
 
 # --- calibrate: batching, errors, memory --------------------------------------------------------------------------
