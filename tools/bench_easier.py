@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -64,8 +65,9 @@ def resolution(model: onnx.ModelProto) -> int:
     return int(model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value)
 
 
-def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy (%) of ``model``'s first output on ``x`` (ORT, optimizations off)."""
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> tuple[float, list[int]]:
+    """Top-1 accuracy (%) of ``model``'s first output on ``x`` (ORT, optimizations off), and the indices of the
+    samples it gets wrong."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
@@ -73,7 +75,8 @@ def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     logits = np.concatenate([session.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
-    return float((logits.argmax(axis=1) == y).mean() * 100)
+    right = logits.argmax(axis=1) == y
+    return float(right.mean() * 100), np.flatnonzero(~right).tolist()
 
 
 def search_summary(report: dict) -> list[dict]:
@@ -96,7 +99,7 @@ def bench_model(name: str, models_dir: Path, budget: float) -> dict:
     calib = models_dir / f"digits{r}_calib.npz"
     with np.load(models_dir / f"digits{r}_test.npz") as test:
         x_test, y_test = test["x"], test["y"]
-    acc_before = accuracy(original, x_test, y_test)
+    acc_before, _ = accuracy(original, x_test, y_test)
 
     runs: dict[str, dict] = {}
     models: dict[str, onnx.ModelProto] = {"original": original}
@@ -112,7 +115,7 @@ def bench_model(name: str, models_dir: Path, budget: float) -> dict:
         wall = time.perf_counter() - t0
         rep = result.report
         acts = rep["activations"]
-        acc = accuracy(result.model, x_test, y_test)
+        acc, wrong = accuracy(result.model, x_test, y_test)
         models[label] = result.model
         runs[label] = {
             "linearized": sum(a["action"] == "linearized" for a in acts),
@@ -123,6 +126,7 @@ def bench_model(name: str, models_dir: Path, budget: float) -> dict:
             "fidelity_metric": rep["fidelity"]["metric"],
             "test_accuracy": acc,
             "accuracy_loss": acc_before - acc,
+            "test_errors": wrong,
             "compute_nodes": [rep["before"]["compute_nodes"], rep["after"]["compute_nodes"]],
             "depth": [rep["before"]["depth"], rep["after"]["depth"]],
             "macs": [rep["before"]["macs"], rep["after"]["macs"]],
@@ -197,9 +201,23 @@ def checks(results: list[dict]) -> list[Check]:
 
 
 def _t6(rf: dict, nr: dict) -> tuple[str, bool]:
+    """Literal: at least twice the count and no more loss. The text adds the paired view of the same test samples:
+    how many only the re-fit run gets wrong / only the no-refit run gets wrong, and McNemar's exact two-sided p
+    (how likely a split at least this uneven is if both models were equally accurate)."""
+    only_rf = len(set(rf["test_errors"]) - set(nr["test_errors"]))
+    only_nr = len(set(nr["test_errors"]) - set(rf["test_errors"]))
     return (f"{rf['linearized']} vs {nr['linearized']}, {rf['accuracy_loss']:+.2f} vs {nr['accuracy_loss']:+.2f} pt"
-            + (" (0 vs 0)" if rf["linearized"] == nr["linearized"] == 0 else ""),
+            + (" (0 vs 0)" if rf["linearized"] == nr["linearized"] == 0 else "")
+            + f"; wrong only with re-fit / only without: {only_rf}/{only_nr}, McNemar p {mcnemar(only_rf, only_nr):.2f}",
             rf["linearized"] >= 2 * nr["linearized"] and rf["accuracy_loss"] <= nr["accuracy_loss"])
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of ``b`` vs ``c`` discordant pairs: 2 * P(Binomial(b + c, 1/2) <= min(b, c)),
+    at most 1 (1 when there are none)."""
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
 
 
 def _num(v: float | None, spec: str) -> str:

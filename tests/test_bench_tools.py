@@ -1,0 +1,33 @@
+"""The statistics of tools/bench_easier.py (its checks are reported figures: they must be right)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("bench_easier", Path(__file__).parents[1] / "tools" / "bench_easier.py")
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_easier"] = bench  # its dataclasses look their module up
+_SPEC.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize(("b", "c", "p"), [(0, 0, 1.0), (1, 0, 1.0), (2, 1, 1.0), (5, 0, 2 / 32),
+                                           (10, 2, 2 * (1 + 12 + 66) / 4096), (3, 30, 2 * sum(
+                                               math.comb(33, k) for k in range(4)) / 2**33)])
+def test_mcnemar_exact(b: int, c: int, p: float) -> None:
+    assert bench.mcnemar(b, c) == pytest.approx(p)
+    assert bench.mcnemar(c, b) == pytest.approx(p)  # two-sided
+
+
+def test_t6_is_literal_and_reports_the_paired_split() -> None:
+    rf = {"linearized": 2, "accuracy_loss": 0.19, "test_errors": [1, 5, 9]}
+    nr = {"linearized": 1, "accuracy_loss": 0.0, "test_errors": [1, 7]}
+    text, ok = bench._t6(rf, nr)
+    assert not ok  # one sample more lost: the literal target fails
+    assert "2 vs 1, +0.19 vs +0.00 pt" in text and "only without: 2/1, McNemar p 1.00" in text
+    text, ok = bench._t6({**rf, "accuracy_loss": 0.0, "test_errors": [1, 7]}, nr)
+    assert ok and "0/0" in text
+    assert not bench._t6({**rf, "linearized": 1, "accuracy_loss": -1.0}, nr)[1]  # not twice as many
