@@ -39,13 +39,17 @@ from onnx_easier.graph_utils import is_constant, single_consumer
 from onnx_easier.linear_math import ConvLayer, to_dense
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
-from onnx_easier.refit import RIDGES, RefitTooLarge, fit_layer
+from onnx_easier.refit import RIDGES, RefitTooLarge, feature_count, fit_layer
 from onnx_easier.softmax_fit import fit_softmax
 
 log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 BATCH = 32
+# rows enough for a layer's fit: ROWS_PER_FEATURE per unknown of a group (positions of one image are correlated,
+# hence the margin), from at least MIN_SAMPLES samples; a conv over large images reaches it after a few batches
+ROWS_PER_FEATURE = 1000
+MIN_SAMPLES = 256
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 
 
@@ -276,7 +280,9 @@ def refit_layers(
             fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
         try:
             new, res = fit_layer(site.layer, fit_pairs, check_pairs, ridge=ridge,
-                                 max_positions_per_batch=max_positions)
+                                 max_positions_per_batch=max_positions,
+                                 max_rows=None if head else ROWS_PER_FEATURE * feature_count(site.layer),
+                                 min_samples=MIN_SAMPLES)
         except RefitTooLarge as exc:
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
             continue

@@ -154,6 +154,8 @@ class NormalEquations:
         self._b = np.zeros((g, f, og))
         self._yy = np.zeros(g)
         self.positions = 0  # output positions seen (before subsampling)
+        self.rows = 0  # positions accumulated (after subsampling)
+        self.samples = 0  # leading-axis entries seen (samples; rows for token batches passed as [N*T, F])
         self.batches = 0
 
     @property
@@ -208,7 +210,13 @@ class NormalEquations:
             index = np.unravel_index(flat, grid)
             self._accumulate(patches[index], targets[index], weight)
         self.positions += total
+        self.rows += count
+        self.samples += x.shape[0]
         self.batches += 1
+
+    def enough(self, max_rows: int | None, min_samples: int) -> bool:
+        """Whether at least ``max_rows`` rows from at least ``min_samples`` samples are in (never, with None)."""
+        return max_rows is not None and self.rows >= max_rows and self.samples >= min_samples
 
     def _accumulate(self, patches: np.ndarray, targets: np.ndarray, weight: float) -> None:
         """``patches`` ``[m, Cin, *k]``, ``targets`` ``[m, Cout]`` (gathered, contiguous) into ``A``, ``B``, ``yy``.
@@ -318,11 +326,15 @@ def fit_layer(
     *,
     max_features: int = 4096,
     max_positions_per_batch: int | None = None,
+    max_rows: int | None = None,
+    min_samples: int = 0,
     seed: int = 0,
 ) -> tuple[ConvLayer, RefitResult]:
     """Re-fit ``layer`` on ``batches`` of (layer input, target) and keep the result only if it lowers the error.
 
-    Each iterable is read once. With ``holdout``: its normal equations are accumulated too (same geometry and
+    Each iterable is read once, or only until it has given ``max_rows`` rows (positions accumulated) from at least
+    ``min_samples`` samples: a convolution over a large image gets thousands of rows per sample, far more than
+    its ``f`` unknowns per output need, and every batch costs forward passes upstream. With ``holdout``: its normal equations are accumulated too (same geometry and
     position subsampling, another ``memory_estimate(layer)`` bytes), the layer is solved for every ridge of
     ``ridge`` and the one with the lowest held-out error is chosen (errors from the held-out sums,
     ``NormalEquations.relative_error``: no forward pass); without it, the first ridge only, compared on the fit
@@ -338,6 +350,8 @@ def fit_layer(
     )
     for x, y in batches:
         equations.update(x, y)
+        if equations.enough(max_rows, min_samples):
+            break
     if holdout is None:
         chosen = ridges[0]
         fitted = equations.solve(chosen)
@@ -348,6 +362,8 @@ def fit_layer(
         )
         for x, y in holdout:
             check.update(x, y)
+            if check.enough(max_rows, min_samples):
+                break
         if check.positions == 0:
             raise ValueError("the holdout iterable is empty")
         before = check.relative_error(layer)

@@ -366,3 +366,29 @@ def test_ridge_is_chosen_on_the_holdout() -> None:
     assert result.ridge == min(errors, key=errors.get)
     assert result.error_after == pytest.approx(min(errors.values()), rel=1e-9)
     assert errors[result.ridge] < errors[0.0]  # the noise makes some shrinkage pay here
+
+
+def test_fit_layer_stops_reading_once_it_has_rows_enough() -> None:
+    """A conv with 12 x 12 outputs per sample: 144 rows each. max_rows 1000 from at least 16 samples stops after the
+    second batch of 8 (16 samples, 2304 rows), on both iterables; the fit is still exact on noiseless data."""
+    rng = np.random.default_rng(9)
+    true = make_layer(rng.normal(size=(3, 2, 3, 3)), rng.normal(size=3))
+    read = {"fit": 0, "hold": 0}
+
+    def stream(kind: str, n: int):
+        for _ in range(n):
+            x = rng.normal(size=(8, 2, 14, 14))
+            read[kind] += 1
+            yield x, torch_forward(true, x)
+
+    fitted, result = fit_layer(random_like(true, rng), stream("fit", 10), stream("hold", 10), ridge=1e-9,
+                               max_rows=1000, min_samples=16)
+    assert read == {"fit": 2, "hold": 2}
+    assert result.positions == 16 * 144 and result.accepted
+    assert_recovered(fitted, true, rel=1e-5)
+    read.update(fit=0, hold=0)  # min_samples dominates: 40 samples = 5 batches
+    fit_layer(true, stream("fit", 10), stream("hold", 10), max_rows=1000, min_samples=40)
+    assert read == {"fit": 5, "hold": 5}
+    read.update(fit=0, hold=0)  # no cap: everything is read
+    fit_layer(true, stream("fit", 10), stream("hold", 3))
+    assert read == {"fit": 10, "hold": 3}
