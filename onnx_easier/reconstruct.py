@@ -17,9 +17,11 @@ Residual branches: when the layer's output (after that bias) is read only by an 
 tensor of the current model that does not depend on the layer, and the Add's output exists in the original, the
 target is ``y_original(Add) - s_current``: the layer then also makes up for what changed on the other branch (a
 linearized ReLU upstream of an identity skip reaches the sum through ``s``). Where ``s`` is unchanged this is the
-plain target (``y_original(Add) - s_original = y_original(L)``). Skipped, with a note: a layer whose
-output is not an original tensor, whose weights are not constants, whose normal equations exceed the memory bound
-(refit.RefitTooLarge).
+plain target (``y_original(Add) - s_original = y_original(L)``).
+
+Skipped, with a note: a layer whose output is not an original tensor, whose weights are not constants, whose normal
+equations exceed the memory bound (refit.RefitTooLarge). A layer reads samples until it has ROWS_PER_FEATURE rows
+per unknown from at least MIN_SAMPLES samples (refit.fit_layer), heads all of them.
 """
 from __future__ import annotations
 

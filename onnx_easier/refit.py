@@ -334,12 +334,14 @@ def fit_layer(
 
     Each iterable is read once, or only until it has given ``max_rows`` rows (positions accumulated) from at least
     ``min_samples`` samples: a convolution over a large image gets thousands of rows per sample, far more than
-    its ``f`` unknowns per output need, and every batch costs forward passes upstream. With ``holdout``: its normal equations are accumulated too (same geometry and
-    position subsampling, another ``memory_estimate(layer)`` bytes), the layer is solved for every ridge of
-    ``ridge`` and the one with the lowest held-out error is chosen (errors from the held-out sums,
-    ``NormalEquations.relative_error``: no forward pass); without it, the first ridge only, compared on the fit
-    data. When the new layer is not strictly better the original ``layer`` is returned and ``error_after ==
-    error_before``. ``RefitTooLarge`` propagates (raised before any batch is read).
+    its ``f`` unknowns per output need, and every batch costs forward passes upstream.
+
+    With ``holdout``: its normal equations are accumulated too (same geometry and position subsampling, another
+    ``memory_estimate(layer)`` bytes), the layer is solved for every ridge of ``ridge`` and the one with the lowest
+    held-out error is chosen (errors from the held-out sums, ``NormalEquations.relative_error``: no forward pass);
+    without it, the first ridge only, compared on the fit data. When the new layer is not strictly better the
+    original ``layer`` is returned and ``error_after == error_before``. ``RefitTooLarge`` propagates (raised before
+    any batch is read).
     """
     start = time.perf_counter()
     ridges = (float(ridge),) if isinstance(ridge, (int, float)) else tuple(float(r) for r in ridge)

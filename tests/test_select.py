@@ -287,7 +287,8 @@ def test_downstream_layers_include_the_other_branch_of_a_residual_add() -> None:
     assert downstream_layers(m, [acts["r0"]]) == ["w1a", "w2a", "w3", "w1b", "w2b"]
 
 
-def _skip_model(p: np.ndarray, p_bias: np.ndarray, w: np.ndarray, b: np.ndarray, extra: bool = False) -> onnx.ModelProto:
+def _skip_model(p: np.ndarray, p_bias: np.ndarray, w: np.ndarray, b: np.ndarray,
+                extra: bool = False) -> onnx.ModelProto:
     """y = Gemm_w(x) + Gemm_p(x) (``extra``: + Relu(Gemm_w(x)) too, a second addend that reads the layer)."""
     def init(name: str, arr: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(arr.astype(np.float32), name)
@@ -310,7 +311,8 @@ def test_residual_target_makes_up_for_a_changed_skip() -> None:
     """The current model's skip branch differs from the original's (P2, p2 instead of P, p): re-fitting fc to
     y_original - s_current recovers W + P - P2 and b + p - p2 exactly, so the sum matches the original in ORT."""
     rng = np.random.default_rng(3)
-    w, b, p, pb = rng.standard_normal((6, 8)), rng.standard_normal(6), rng.standard_normal((6, 8)), rng.standard_normal(6)
+    w, p = rng.standard_normal((6, 8)), rng.standard_normal((6, 8))
+    b, pb = rng.standard_normal(6), rng.standard_normal(6)
     p2, pb2 = p + rng.standard_normal((6, 8)) * 0.3, pb + 0.5
     original, current = _skip_model(p, pb, w, b), _skip_model(p2, pb2, w, b)
     x = rng.standard_normal((300, 8)).astype(np.float32)
@@ -332,7 +334,8 @@ def test_residual_target_makes_up_for_a_changed_skip() -> None:
 def test_residual_target_not_used_when_the_other_addend_reads_the_layer() -> None:
     """y = h + Relu(h): the other addend depends on fc itself, so fc keeps its own output h as target."""
     rng = np.random.default_rng(4)
-    w, b, p, pb = rng.standard_normal((6, 8)), rng.standard_normal(6), rng.standard_normal((6, 8)), rng.standard_normal(6)
+    w, p = rng.standard_normal((6, 8)), rng.standard_normal((6, 8))
+    b, pb = rng.standard_normal(6), rng.standard_normal(6)
     original = _skip_model(p, pb, w, b, extra=True)
     current = _skip_model(p, pb, w * 1.1, b, extra=True)
     x = rng.standard_normal((300, 8)).astype(np.float32)

@@ -208,7 +208,8 @@ def _t6(rf: dict, nr: dict) -> tuple[str, bool]:
     only_nr = len(set(nr["test_errors"]) - set(rf["test_errors"]))
     return (f"{rf['linearized']} vs {nr['linearized']}, {rf['accuracy_loss']:+.2f} vs {nr['accuracy_loss']:+.2f} pt"
             + (" (0 vs 0)" if rf["linearized"] == nr["linearized"] == 0 else "")
-            + f"; wrong only with re-fit / only without: {only_rf}/{only_nr}, McNemar p {mcnemar(only_rf, only_nr):.2f}",
+            + f"; wrong only with re-fit / only without: {only_rf}/{only_nr}, "
+            f"McNemar p {mcnemar(only_rf, only_nr):.2f}",
             rf["linearized"] >= 2 * nr["linearized"] and rf["accuracy_loss"] <= nr["accuracy_loss"])
 
 
