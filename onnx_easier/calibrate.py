@@ -238,8 +238,9 @@ def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
         if node is not None:
             todo.extend(i for i in node.input if i)
     by_name = {o.name: o for o in g.output}
+    inputs = {i.name for i in g.input}  # an initializer also listed as a graph input (old IR) stays: ORT needs it
     keep = {"node": [n for n in g.node if any(o in needed for o in n.output)],
-            "initializer": [t for t in g.initializer if t.name in needed],
+            "initializer": [t for t in g.initializer if t.name in needed or t.name in inputs],
             "value_info": [v for v in g.value_info if v.name in needed],
             "output": [by_name[t] for t in dict.fromkeys(tensors)]}
     for field, items in keep.items():

@@ -347,6 +347,26 @@ def test_upstream_keeps_only_what_the_tensors_need() -> None:
     assert model.SerializeToString() == before
 
 
+def test_upstream_keeps_initializers_that_are_graph_inputs() -> None:
+    """Old exporters list every initializer as a graph input too: cutting one away would leave an input ORT
+    requires. Such initializers stay (only the real input is fed)."""
+    rng = np.random.default_rng(1)
+    w0, w1 = (numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), n) for n in ("w0", "w1"))
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"]), helper.make_node("Conv", ["c0", "w1"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4]),
+                                       helper.make_tensor_value_info("w0", F32, [3, 3, 1, 1]),
+                                       helper.make_tensor_value_info("w1", F32, [3, 3, 1, 1])],
+                          [helper.make_tensor_value_info("y", F32, ["N", 3, 4, 4])], [w0, w1])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 3
+    cut = upstream(model, ["c0"])
+    assert [n.op_type for n in cut.graph.node] == ["Conv"]
+    assert sorted(t.name for t in cut.graph.initializer) == ["w0", "w1"]
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(make_session(cut).run(["c0"], {"x": x})[0],
+                               make_session(augment(model, ["c0"])).run(["c0"], {"x": x})[0])
+
+
 def test_upstream_does_not_cut_graphs_with_subgraphs() -> None:
     """A body may read an outer tensor without naming it as an input: such models are only augmented."""
     then = helper.make_graph([helper.make_node("Identity", ["c0"], ["t"])], "then", [],
