@@ -23,7 +23,7 @@ from onnx_easier import __version__
 from onnx_easier.activations import Activation, ensure_node_names, find_activations, infer_shapes
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
-from onnx_easier.data import CalibrationData, input_specs, load_data
+from onnx_easier.data import CalibrationData, fixed_batch, input_specs, load_data
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
 from onnx_easier.latency import LatencyStats, measure_latency
@@ -307,7 +307,7 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict,
                  on_step: Callable[[str], None] | None) -> tuple[onnx.ModelProto, dict, Callable]:
-    fit, check, holdout = split_data(analysis.data)
+    fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
     rtol = exact_rtol(analysis.model)
@@ -391,4 +391,5 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
     names = [o.name for o in sa.get_outputs()]
     sub = data.subset(0, min(VERIFY_SAMPLES, data.samples))
     return max((output_error(sa.run(names, feed), sb.run(names, feed))
-                for feed in sub.batches(run_batch(a, sub, 16))), default=0.0)
+                for feed in sub.batches(run_batch(a, sub, 16), drop_last=bool(fixed_batch(input_specs(a))))),
+               default=0.0)

@@ -91,6 +91,21 @@ def test_split_is_disjoint() -> None:
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
 
 
+def test_split_in_whole_batches_for_a_fixed_batch_model() -> None:
+    """A model whose batch is fixed at 4: every part is a whole number of batches (ORT refuses a shorter one), the
+    remainder is left out, and the parts stay disjoint; too few batches: one whole set for all three."""
+    data = CalibrationData("t", 103, {"x": np.arange(103, dtype=np.float32)[:, None]})
+    fit, check, hold = split_data(data, 4)
+    assert (fit.samples, check.samples, hold.samples) == (64, 12, 24)  # 25 -> 24 held out, 76 // 5 = 15 -> 12
+    assert all(d.samples % 4 == 0 for d in (fit, check, hold))
+    seen = [set(d.arrays["x"][:, 0].tolist()) for d in (fit, check, hold)]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert max(seen[2]) == 99  # 100..102 left out
+    small = split_data(CalibrationData("t", 30, {"x": np.zeros((30, 1), np.float32)}), 4)
+    assert [d.samples for d in small] == [28, 28, 28]
+    assert [d.samples for d in split_data(data)] == [62, 15, 26]  # no fixed batch: as before
+
+
 def test_adjacent_runs_follow_the_chain() -> None:
     from onnx_easier.activations import find_activations, infer_shapes
     from onnx_easier.model_io import to_graph
