@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from onnx_easier.activations import infer_shapes
 from onnx_easier.calibrate import upstream
@@ -83,10 +84,15 @@ class _Site:
     last: bool  # channel-last tokens ([N, ..., F]): reshape to [N*T, F]
     skip: str | None = None  # the other addend of a residual Add that ``y`` names: subtracted from the target
 
+    @property
+    def reads(self) -> list[str]:
+        """The current model's tensors a fit needs: the layer's input (and the residual addend)."""
+        return [self.x] if self.skip is None else [self.x, self.skip]
+
 
 def _site(graph: gs.Graph, node: gs.Node, known: set[str]) -> _Site | str:
-    """The re-fittable layer at ``node``, or why not; ``known``: the original's tensor names (a residual target
-    needs the Add's output among them)."""
+    """The re-fittable layer at ``node``, or why not; ``known``: the original's tensor names (the target must be
+    one of them: the layer's output, or a residual Add's)."""
     if node.op not in LAYER_OPS:
         return f"{node.op} is not a layer"
     el = recognise(node)
@@ -118,6 +124,8 @@ def _site(graph: gs.Graph, node: gs.Node, known: set[str]) -> _Site | str:
         bias = np.broadcast_to(np.asarray(bias_add.inputs[1 - bias_add.inputs.index(node.outputs[0])].values,
                                           np.float64), (layer.cout,))
         layer = ConvLayer(layer.weight, layer.bias + bias, layer.strides, layer.dilations, layer.pads, layer.groups)
+    if out.name not in known:
+        return f"its output {out.name} is not a tensor of the original model"
     return _Site(node, bias_add, layer, offset, node.inputs[0].name, out.name, last, skip)
 
 
@@ -191,6 +199,12 @@ class Targets:
         self.max_bytes = max_bytes
         self._store: dict[tuple[str, int], list[np.ndarray]] = {}
         self._bytes = 0
+        self._session: tuple[str, ort.InferenceSession] | None = None  # the last tensor's cut model
+
+    def _session_for(self, name: str) -> ort.InferenceSession:
+        if self._session is None or self._session[0] != name:
+            self._session = (name, make_session(upstream(self.original, [name])))
+        return self._session[1]
 
     def batches(self, name: str, data: CalibrationData, batch: int) -> Iterator[np.ndarray]:
         key = (name, id(data))
@@ -198,7 +212,7 @@ class Targets:
             self._store[key] = self._store.pop(key)  # most recently used last
             yield from self._store[key]
             return
-        session = make_session(upstream(self.original, [name]))
+        session = self._session_for(name)
         kept: list[np.ndarray] | None = []
         size = 0
         for feed in data.batches(batch):
@@ -214,15 +228,13 @@ class Targets:
             self._bytes += size
 
 
-def _pairs(current: onnx.ModelProto, targets: Targets, site: _Site, data: CalibrationData,
+def _pairs(current: ort.InferenceSession, targets: Targets, site: _Site, data: CalibrationData,
            batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(layer input from the current model, target from the original minus the layer's fixed offset and minus the
-    current residual addend) per batch."""
-    x, y, last = site.x, site.y, site.last
-    names = [x] if site.skip is None else [x, site.skip]
-    sc = make_session(upstream(current, names))
-    for feed, yv in zip(data.batches(batch), targets.batches(y, data, batch)):
-        got = sc.run(names, feed)
+    """(layer input from the ``current`` model's session, which computes ``site.reads``; target from the original
+    minus the layer's fixed offset and minus the current residual addend) per batch."""
+    last = site.last
+    for feed, yv in zip(data.batches(batch), targets.batches(site.y, data, batch)):
+        got = current.run(site.reads, feed)
         xv = got[0]
         yv = yv.astype(np.float64)
         if site.skip is not None:
@@ -270,14 +282,12 @@ def refit_layers(
         if isinstance(site, str):
             log.debug("refit %s skipped: %s", name, site)
             continue
-        if site.y not in original_names:
-            log.debug("refit %s skipped: its output %s is not a tensor of the original model", name, site.y)
-            continue
         t0 = time.perf_counter()
         head = softmax_head and _is_head(site, model)
         rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
-        fit_pairs = _pairs(model, targets, site, fit, batch)
-        check_pairs = _pairs(model, targets, site, check, batch)
+        session = make_session(upstream(model, site.reads))  # the current model, cut: shared by both passes
+        fit_pairs = _pairs(session, targets, site, fit, batch)
+        check_pairs = _pairs(session, targets, site, check, batch)
         if head:
             fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
         try:

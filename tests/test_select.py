@@ -116,17 +116,24 @@ def test_adjacent_runs_follow_the_chain() -> None:
     assert [[a.name for a in run] for run in runs] == [["r1", "r2"]]
 
 
-def test_refit_recovers_what_linearization_lost(setup) -> None:
-    """Linearize r2 (a real nonlinearity) by identity; re-fitting fc3 to the original output lowers the error."""
+def mlp_without_r2(hidden: int, samples: int, n_fit: int = 500) -> tuple:
+    """(original, built, x, fit, check): ``mlp(bias1=8.0, hidden)`` and the same with r2 linearized by identity and
+    fused; ``samples`` standard-normal inputs, the first ``n_fit`` to fit, the rest to check."""
     from onnx_easier.activations import find_activations, infer_shapes
     from onnx_easier.model_io import to_graph
 
-    original = infer_shapes(mlp(bias1=8.0, hidden=256))
+    original = infer_shapes(mlp(bias1=8.0, hidden=hidden))
     acts = {a.name: a for a in find_activations(to_graph(original))}
     built = linearize_and_fuse(original, [acts["r2"]], "identity", None)
-    x = np.random.default_rng(5).standard_normal((600, 16)).astype(np.float32)
-    fit = CalibrationData("t", 500, {"x": x[:500]})
-    check = CalibrationData("t", 100, {"x": x[500:]})
+    x = np.random.default_rng(5).standard_normal((samples, 16)).astype(np.float32)
+    fit = CalibrationData("t", n_fit, {"x": x[:n_fit]})
+    check = CalibrationData("t", samples - n_fit, {"x": x[n_fit:]})
+    return original, built, x, fit, check
+
+
+def test_refit_recovers_what_linearization_lost(setup) -> None:
+    """Linearize r2 (a real nonlinearity) by identity; re-fitting fc3 to the original output lowers the error."""
+    original, built, x, fit, check = mlp_without_r2(256, 600)
     names = [n.name for n in built.model.graph.node if n.op_type == "Gemm"]
     model, records = refit_layers(built.model, original, names[-1:], fit, check)
     assert len(records) == 1 and records[0].accepted

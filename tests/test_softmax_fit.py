@@ -68,20 +68,12 @@ def test_non_finite_input_raises() -> None:
 def test_refit_layers_adds_a_kl_step_for_the_head() -> None:
     """The MLP of test_select with its last Relu linearized: the head (a Gemm writing the graph output) gets the
     least-squares record and a KL record; the KL record's errors are check KLs, lower when kept."""
-    from test_select import mlp
+    from test_select import mlp_without_r2
 
-    from onnx_easier.activations import find_activations, infer_shapes
-    from onnx_easier.data import CalibrationData
-    from onnx_easier.model_io import make_session, to_graph
+    from onnx_easier.model_io import make_session
     from onnx_easier.reconstruct import refit_layers
-    from onnx_easier.select import linearize_and_fuse
 
-    original = infer_shapes(mlp(bias1=8.0, hidden=64))
-    acts = {a.name: a for a in find_activations(to_graph(original))}
-    built = linearize_and_fuse(original, [acts["r2"]], "identity", None)
-    x = np.random.default_rng(5).standard_normal((700, 16)).astype(np.float32)
-    fit = CalibrationData("t", 500, {"x": x[:500]})
-    check = CalibrationData("t", 200, {"x": x[500:]})
+    original, built, x, fit, check = mlp_without_r2(64, 700)
     head = [n.name for n in built.model.graph.node if n.op_type == "Gemm"][-1]
     plain, rec_plain = refit_layers(built.model, original, [head], fit, check)
     model, records = refit_layers(built.model, original, [head], fit, check, softmax_head=True)
