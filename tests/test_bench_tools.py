@@ -31,3 +31,22 @@ def test_t6_is_literal_and_reports_the_paired_split() -> None:
     text, ok = bench._t6({**rf, "accuracy_loss": 0.0, "test_errors": [1, 7]}, nr)
     assert ok and "0/0" in text
     assert not bench._t6({**rf, "linearized": 1, "accuracy_loss": -1.0}, nr)[1]  # not twice as many
+
+
+def _tradeoff():
+    spec = importlib.util.spec_from_file_location("bench_tradeoff",
+                                                  Path(__file__).parents[1] / "tools" / "bench_tradeoff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_iso_loss_takes_the_best_no_refit_count_at_no_more_test_loss() -> None:
+    def point(refit: bool, tol: float, lin: int, loss: float) -> dict:
+        return {"refit": refit, "tolerance": tol, "linearized": lin, "accuracy_loss": loss}
+
+    res = {"points": [point(False, 0.01, 1, 0.0), point(False, 0.02, 3, 0.56), point(False, 0.04, 4, 2.0),
+                      point(True, 0.01, 4, 0.37), point(True, 0.02, 6, 0.56), point(True, 0.04, 8, -0.19)]}
+    got = [(q["tolerance"], q["linearized"], q["no_refit_best"]) for q in _tradeoff().iso_loss(res)]
+    # 0.37: only the 1-activation run lost no more; 0.56: the 3-activation run ties it; a gain: no rival at all
+    assert got == [(0.01, 4, 1), (0.02, 6, 3), (0.04, 8, None)]

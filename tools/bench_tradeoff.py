@@ -1,0 +1,125 @@
+"""Trade-off curves of the budgeted loop with and without the re-fit: activations linearized against test loss.
+
+    python tools/bench_tradeoff.py                                    # the six example models, 4 tolerances
+    python tools/bench_tradeoff.py --models resnet_digits --tolerances 0.005 0.01 0.02 --json tradeoff.json
+
+Per model and tolerance, ``optimize(model, calib, tolerance=t)`` runs with the re-fit (the default) and with
+``refit=False``; for each result: activations linearized, the tool's fidelity loss on its held-out calibration
+samples, the TEST accuracy loss in points on ``models/digits<R>_test.npz`` (labels the tool never sees; ORT,
+optimizations off) and how many test samples the result gets wrong that the original gets right (and the
+reverse). No latency is measured here (tools/bench_easier.py does that at the default tolerance).
+
+Then, per re-fit point, the iso-loss comparison: the most activations any ``refit=False`` run of the sweep
+linearized at a test loss no larger than this point's. It compares the two methods along their curves instead
+of at one tolerance, where the run that stops early also loses less. With 540 test samples one sample is
+0.19 points: the curves are not monotone at that scale, and the text says so rather than smoothing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_easier import MODELS, MODELS_DIR, accuracy, resolution  # noqa: E402
+
+from onnx_easier.api import optimize  # noqa: E402
+
+TOLERANCES = (0.005, 0.01, 0.02, 0.04)
+
+
+def sweep(name: str, models_dir: Path, tolerances: Sequence[float]) -> dict:
+    """Every (re-fit on/off, tolerance) run of one model: counts, fidelity loss, test loss, flipped samples."""
+    path = models_dir / f"{name}.onnx"
+    original = onnx.load(str(path))
+    r = resolution(original)
+    calib = models_dir / f"digits{r}_calib.npz"
+    with np.load(models_dir / f"digits{r}_test.npz") as test:
+        x_test, y_test = test["x"], test["y"]
+    acc_before, wrong_before = accuracy(original, x_test, y_test)
+    points = []
+    for refit in (False, True):
+        for tol in tolerances:
+            t0 = time.perf_counter()
+            result = optimize(path, calib, tolerance=tol, refit=refit)
+            acc, wrong = accuracy(result.model, x_test, y_test)
+            acts = result.report["activations"]
+            points.append({
+                "refit": refit, "tolerance": tol,
+                "linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
+                "fidelity": result.report["fidelity"]["value"], "accuracy_loss": acc_before - acc,
+                "newly_wrong": len(set(wrong) - set(wrong_before)), "newly_right": len(set(wrong_before) - set(wrong)),
+                "wall_s": time.perf_counter() - t0,
+            })
+    return {"model": name, "test_accuracy": acc_before, "test_samples": len(y_test), "points": points}
+
+
+def iso_loss(res: dict) -> list[dict]:
+    """Per re-fit point: the largest ``refit=False`` count at a test loss <= its own (over the whole sweep; 0 where
+    none is, the original being a no-refit point at loss 0)."""
+    base = [p for p in res["points"] if not p["refit"]]
+    out = []
+    for p in (p for p in res["points"] if p["refit"]):
+        rivals = [b["linearized"] for b in base if b["accuracy_loss"] <= p["accuracy_loss"] + 1e-9]
+        if p["accuracy_loss"] >= -1e-9:
+            rivals.append(0)  # the original itself: nothing linearized, no loss
+        best = max(rivals, default=None)
+        out.append({"tolerance": p["tolerance"], "linearized": p["linearized"], "accuracy_loss": p["accuracy_loss"],
+                    "no_refit_best": best})
+    return out
+
+
+def table(results: list[dict]) -> str:
+    head = ["model", "tolerance", "run", "linearized", "fidelity loss", "test loss (pt)", "newly wrong / right",
+            "optimize (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        for p in sorted(res["points"], key=lambda p: (p["tolerance"], p["refit"])):
+            lines.append(f"| {res['model']} | {p['tolerance']:g} | {'re-fit' if p['refit'] else 'no-refit'} | "
+                         f"{p['linearized']}/{p['activations']} | {p['fidelity']:.4f} | {p['accuracy_loss']:+.2f} | "
+                         f"{p['newly_wrong']}/{p['newly_right']} | {p['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def iso_table(results: list[dict]) -> str:
+    lines = ["| model | re-fit point (tolerance: linearized, test loss) | most linearized by no-refit at no more "
+             "test loss |", "|---|---|---|"]
+    for res in results:
+        for q in iso_loss(res):
+            best = "none" if q["no_refit_best"] is None else str(q["no_refit_best"])
+            lines.append(f"| {res['model']} | {q['tolerance']:g}: {q['linearized']}, {q['accuracy_loss']:+.2f} pt | "
+                         f"{best} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME", help="models in models/")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES), metavar="T")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    results = []
+    for name in args.models:
+        t0 = time.perf_counter()
+        results.append(sweep(name, args.models_dir, args.tolerances))
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    print(table(results))
+    print()
+    print(iso_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"tolerances": args.tolerances, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
