@@ -76,7 +76,7 @@ def test_analysis_prints_table_and_writes_report(files, capsys) -> None:
 
 
 def test_random_data_warns(files, capsys) -> None:
-    code, out, err = run_cli([files["model"], "--input-shape", "x:1,3,6,6", "--samples", "8"], capsys)
+    code, _, err = run_cli([files["model"], "--input-shape", "x:1,3,6,6", "--samples", "8"], capsys)
     assert code == 0
     assert "random" in err.lower()
 
@@ -220,7 +220,7 @@ def test_read_only_output_folder(files, capsys) -> None:
 
 def test_read_only_output_folder_as_root_too(files, capsys, monkeypatch) -> None:
     """root may write anywhere, so the permission is simulated: the CLI must ask os.access before any work."""
-    import onnx_easier.cli as cli
+    from onnx_easier import cli
 
     ro = files["dir"] / "ro"
     ro.mkdir()

@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_easier import MODELS, MODELS_DIR, accuracy, resolution  # noqa: E402
+from bench_easier import MODELS, MODELS_DIR, accuracy, resolution
 
-from onnx_easier.api import optimize  # noqa: E402
+from onnx_easier.api import optimize
 
 TOLERANCES = (0.005, 0.01, 0.02, 0.04)
 
@@ -90,8 +90,8 @@ def table(results: list[dict]) -> str:
 
 
 def iso_table(results: list[dict]) -> str:
-    lines = ["| model | re-fit point (tolerance: linearized, test loss) | most linearized by no-refit at no more "
-             "test loss |", "|---|---|---|"]
+    head = "| model | re-fit point (tolerance: linearized, test loss) | most linearized by no-refit at no more test loss |"
+    lines = [head, "|---|---|---|"]
     for res in results:
         for q in iso_loss(res):
             best = "none" if q["no_refit_best"] is None else str(q["no_refit_best"])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import tf2onnx
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "tf2onnx"
 OPSET = 17
