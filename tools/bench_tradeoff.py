@@ -63,8 +63,8 @@ def sweep(name: str, models_dir: Path, tolerances: Sequence[float]) -> dict:
 
 
 def iso_loss(res: dict) -> list[dict]:
-    """Per re-fit point: the largest ``refit=False`` count at a test loss <= its own (over the whole sweep; 0 where
-    none is, the original being a no-refit point at loss 0)."""
+    """Per re-fit point: the largest ``refit=False`` count at a test loss <= its own, over the whole sweep and the
+    original (0 linearized at loss 0); None when the point gained accuracy and no no-refit run gained as much."""
     base = [p for p in res["points"] if not p["refit"]]
     out = []
     for p in (p for p in res["points"] if p["refit"]):
