@@ -21,10 +21,12 @@ plain target (``y_original(Add) - s_original = y_original(L)``).
 
 Skipped, with a note: a layer whose output is not an original tensor, whose weights are not constants, whose normal
 equations exceed the memory bound (refit.RefitTooLarge). A layer reads samples until it has ROWS_PER_FEATURE rows
-per unknown from at least MIN_SAMPLES samples (refit.fit_layer), heads all of them.
+per unknown from at least MIN_SAMPLES samples (refit.fit_layer), heads all of them. The original's tensors come
+from a ``Targets`` cache shared by the whole search (prefixes of batches within a memory budget).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -191,41 +193,53 @@ def _write_back(graph: gs.Graph, site: _Site, layer: ConvLayer, tag: str = "refi
 
 
 class Targets:
-    """The original model's tensors per batch, computed once per (tensor, data set) and kept while they fit in
-    ``max_bytes`` (least recently used first out); above that they are recomputed batch by batch."""
+    """The original model's tensors per batch, computed once per (tensor, data set, batch size).
+
+    Batches are kept as they are computed, so a reader that stops early (a layer's row cap) leaves the prefix it
+    read for the next reader, which continues from there. Everything kept stays within ``max_bytes``: the least
+    recently used tensors go first; a tensor that cannot fit even alone keeps the batches that did and recomputes
+    the rest on every read."""
 
     def __init__(self, original: onnx.ModelProto, max_bytes: int = 256 * 2**20) -> None:
         self.original = original
         self.max_bytes = max_bytes
-        self._store: dict[tuple[str, int], list[np.ndarray]] = {}
+        # key -> (the data set, held so its id cannot be reused while cached; its batches computed so far)
+        self._store: dict[tuple[str, int, int], tuple[CalibrationData, list[np.ndarray]]] = {}
         self._bytes = 0
         self._session: tuple[str, ort.InferenceSession] | None = None  # the last tensor's cut model
+        self.computed = 0  # batches run through ORT (for tests and profiling)
 
     def _session_for(self, name: str) -> ort.InferenceSession:
         if self._session is None or self._session[0] != name:
             self._session = (name, make_session(upstream(self.original, [name])))
         return self._session[1]
 
+    def _room(self, key: tuple[str, int, int], size: int) -> bool:
+        """Make room for ``size`` more bytes under ``key`` by dropping other tensors, oldest first; none is dropped
+        when ``key`` could not fit even alone."""
+        if sum(a.nbytes for a in self._store[key][1]) + size > self.max_bytes:
+            return False
+        for other in [k for k in self._store if k != key]:
+            if self._bytes + size <= self.max_bytes:
+                break
+            self._bytes -= sum(a.nbytes for a in self._store.pop(other)[1])
+        return self._bytes + size <= self.max_bytes
+
     def batches(self, name: str, data: CalibrationData, batch: int) -> Iterator[np.ndarray]:
-        key = (name, id(data))
-        if key in self._store:
-            self._store[key] = self._store.pop(key)  # most recently used last
-            yield from self._store[key]
-            return
-        session = self._session_for(name)
-        kept: list[np.ndarray] | None = []
-        size = 0
-        for feed in data.batches(batch):
-            y = session.run([name], feed)[0]
-            size += y.nbytes
-            if kept is not None:
-                kept = kept + [y] if size <= self.max_bytes else None
+        key = (name, id(data), batch)
+        entry = self._store.pop(key, (data, []))
+        self._store[key] = entry  # most recently used last
+        kept = entry[1]
+        prefix = list(kept)
+        yield from prefix
+        for i, feed in enumerate(itertools.islice(data.batches(batch), len(prefix), None), start=len(prefix)):
+            y = self._session_for(name).run([name], feed)[0]
+            self.computed += 1
+            # kept only as the next batch of a prefix still cached (another reader may have run ahead or evicted it)
+            if len(kept) == i and self._store.get(key) is entry and self._room(key, y.nbytes):
+                kept.append(y.copy())  # ORT's own output buffer, kept, held 2x its size (measured RSS)
+                self._bytes += y.nbytes
             yield y
-        if kept is not None:
-            while self._store and self._bytes + size > self.max_bytes:
-                self._bytes -= sum(a.nbytes for a in self._store.pop(next(iter(self._store))))
-            self._store[key] = kept
-            self._bytes += size
 
 
 def _pairs(current: ort.InferenceSession, targets: Targets, site: _Site, data: CalibrationData,
