@@ -214,7 +214,7 @@ def optimize(
     else:
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
-                                   shapes=shapes, on_step=on_step)
+                                   shapes=shapes, seed=seed, on_step=on_step)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return Result(out, report, analysis, verifier)
 
@@ -305,9 +305,9 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
-                 max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict,
+                 max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  on_step: Callable[[str], None] | None) -> tuple[onnx.ModelProto, dict, Callable]:
-    fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1)
+    fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
     rtol = exact_rtol(analysis.model)

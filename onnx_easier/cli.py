@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report: JSON, or one self-contained HTML page when the name ends in .html "
                    "(repeatable)")
     p.add_argument("--samples", type=int, metavar="N", help="use at most N calibration samples")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for random data (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed for random data and for the split of --data into fit / check / held-out samples "
+                        "(default 0)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="shape of a dynamic input for random data, e.g. x:1,3,224,224 (repeatable)")
     p.add_argument("--linearize", choices=("identity", "affine"), default="affine",

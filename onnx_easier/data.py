@@ -150,6 +150,11 @@ class CalibrationData:
                 return
             yield {k: (v[i, ...] if k in self.scalars else v[i:j]) for k, v in self.arrays.items()}
 
+    def take(self, indices: np.ndarray) -> CalibrationData:
+        """The samples at ``indices`` (in that order) as their own CalibrationData (copies)."""
+        arrays = {k: v[indices] for k, v in self.arrays.items()}
+        return CalibrationData(self.source, len(indices), arrays, self.synthetic, self.scalars)
+
     def subset(self, start: int, stop: int) -> CalibrationData:
         """Samples ``[start, stop)`` as their own CalibrationData (views of the same arrays)."""
         arrays = {k: v[start:stop] for k, v in self.arrays.items()}

@@ -179,23 +179,27 @@ def refit_targets(reference: onnx.ModelProto, fusion: FusionResult | None, model
     return names + [n for n in output_layers(model) if n not in names]
 
 
-def split_data(data: CalibrationData, multiple: int = 1) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
-    """(fit, check, holdout): the last quarter (at most MAX_HOLDOUT samples) measures fidelity; of the rest, the
-    last fifth decides whether a re-fit is kept. Fewer than 8 samples (8 batches): the three sets are the same (the
-    report says how many samples each had). ``multiple``: a model's fixed batch size; every part is then a whole
-    number of batches (the last ``samples % multiple`` samples are left out: ORT refuses a shorter batch)."""
+def split_data(data: CalibrationData, multiple: int = 1,
+               seed: int = 0) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
+    """(fit, check, holdout), drawn at random (seeded) so that data stored in any order (e.g. class by class) give
+    three parts alike: a quarter (at most MAX_HOLDOUT samples) measures fidelity; of the rest, a fifth decides
+    whether a re-fit is kept. Each part keeps the file's order and is a copy (one more copy of the data in all).
+    Fewer than 8 samples (8 batches): the three sets are the same (the report says how many samples each had).
+    ``multiple``: a model's fixed batch size; every part is then a whole number of batches (``samples % multiple``
+    samples are left out: ORT refuses a shorter batch)."""
     n = data.samples - data.samples % multiple if data.samples >= multiple else data.samples
-    whole = data.subset(0, n) if n < data.samples else data
     if n < 8 * multiple:
+        whole = data.subset(0, n) if n < data.samples else data
         return whole, whole, whole
 
     def down(k: int) -> int:  # at least one batch, whole batches
         return max(multiple, k - k % multiple)
 
     h = down(min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION))))
-    rest = n - h
-    c = down(max(1, rest // 5))
-    return data.subset(0, rest - c), data.subset(rest - c, rest), data.subset(rest, n)
+    c = down(max(1, (n - h) // 5))
+    order = np.random.default_rng(seed).permutation(data.samples)[:n]
+    parts = (order[h + c:], order[h:h + c], order[:h])
+    return tuple(data.take(np.sort(p)) for p in parts)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------

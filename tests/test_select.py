@@ -83,12 +83,28 @@ def test_max_remove_caps_the_count(setup) -> None:
     assert sum(a["action"] == "linearized" for a in r.report["activations"]) <= 1
 
 
-def test_split_is_disjoint() -> None:
+def test_split_is_disjoint_random_and_seeded() -> None:
     data = CalibrationData("t", 100, {"x": np.arange(100, dtype=np.float32)[:, None]})
     fit, check, hold = split_data(data)
     seen = [set(d.arrays["x"][:, 0].tolist()) for d in (fit, check, hold)]
     assert (fit.samples, check.samples, hold.samples) == (60, 15, 25)
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert set().union(*seen) == set(range(100))
+    assert all(np.all(np.diff(d.arrays["x"][:, 0]) > 0) for d in (fit, check, hold))  # file order kept in a part
+    assert [d.arrays["x"].tolist() for d in split_data(data)] == [d.arrays["x"].tolist() for d in (fit, check, hold)]
+    other = split_data(data, seed=1)[2].arrays["x"][:, 0].tolist()
+    assert set(other) != seen[2]
+
+
+def test_split_of_data_stored_class_by_class_gives_every_class_to_every_part() -> None:
+    """A calibration file written class after class (10 classes of 40): positional parts would hold out only the
+    last classes and fit the re-fits on the others."""
+    labels = np.repeat(np.arange(10), 40)
+    data = CalibrationData("t", 400, {"x": labels.astype(np.float32)[:, None]})
+    for part in split_data(data):
+        counts = np.bincount(part.arrays["x"][:, 0].astype(int), minlength=10)
+        share = counts / part.samples
+        assert counts.min() > 0 and share.max() < 0.2, counts
 
 
 def test_split_in_whole_batches_for_a_fixed_batch_model() -> None:
@@ -100,7 +116,7 @@ def test_split_in_whole_batches_for_a_fixed_batch_model() -> None:
     assert all(d.samples % 4 == 0 for d in (fit, check, hold))
     seen = [set(d.arrays["x"][:, 0].tolist()) for d in (fit, check, hold)]
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert max(seen[2]) == 99  # 100..102 left out
+    assert len(set().union(*seen)) == 100  # 3 left out
     small = split_data(CalibrationData("t", 30, {"x": np.zeros((30, 1), np.float32)}), 4)
     assert [d.samples for d in small] == [28, 28, 28]
     assert [d.samples for d in split_data(data)] == [62, 15, 26]  # no fixed batch: as before
