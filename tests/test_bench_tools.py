@@ -50,3 +50,19 @@ def test_iso_loss_takes_the_best_no_refit_count_at_no_more_test_loss() -> None:
     got = [(q["tolerance"], q["linearized"], q["no_refit_best"]) for q in _tradeoff().iso_loss(res)]
     # 0.37: only the 1-activation run lost no more; 0.56: the 3-activation run ties it; a gain: no rival at all
     assert got == [(0.01, 4, 1), (0.02, 6, 3), (0.04, 8, None)]
+
+
+def test_seed_summary_counts_the_literal_t6_per_model() -> None:
+    spec = importlib.util.spec_from_file_location("bench_seeds", Path(__file__).parents[1] / "tools" / "bench_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    nr = {"linearized": 1, "accuracy_loss": 0.0, "test_errors": [3]}
+    rows = []
+    for loss, errors in ((0.0, [3]), (0.19, [3, 4]), (-0.19, [])):
+        rf = {"linearized": 2, "accuracy_loss": loss, "test_errors": errors}
+        runs = {"no-refit": nr, "refit": rf, "matched": rf}
+        t6 = {k: dict(zip(("text", "ok"), bench._t6(runs[k], nr))) for k in ("refit", "matched")}
+        rows.append({"seed": len(rows), "runs": runs, "t6": t6})
+    res = [{"model": "m", "rows": rows}]
+    assert "| m | 3 | 2/3 | 2/3 |" in seeds.summary(res)
+    assert "FAIL (wrong only with re-fit / only without: 1/0, McNemar p 1.00)" in seeds.table(res)
