@@ -40,7 +40,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,24 +267,36 @@ def trials_text(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """The options the digits benchmarks share: --models, --models-dir, --json; logging at errors only."""
+    logging.basicConfig(level=logging.ERROR)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME", help="models in models/")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
+    return parser
+
+
+def per_model(names: Sequence[str], run: Callable[[str], dict]) -> list[dict]:
+    """``run(name)`` for each model in turn, its wall time printed on stderr."""
+    results = []
+    for name in names:
+        t0 = time.perf_counter()
+        results.append(run(name))
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=4.0, metavar="S",
                         help="seconds of the interleaved re-measurement per model (default 4)")
     parser.add_argument("--trials", action="store_true", help="also print every search trial")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures and checks as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
 
     print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, 1 intra-op thread; re-measured latency = median "
           f"of interleaved rounds, {args.budget:g} s per model, batch 1", file=sys.stderr)
-    results = []
-    for name in args.models:
-        t0 = time.perf_counter()
-        results.append(bench_model(name, args.models_dir, args.budget))
-        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    results = per_model(args.models, lambda name: bench_model(name, args.models_dir, args.budget))
     found = checks(results)
     print(table(results))
     print()

@@ -14,11 +14,8 @@ The last table counts, per model, the seeds where the literal comparison holds. 
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_easier import MODELS, MODELS_DIR, TOLERANCE, _t6, accuracy, resolution
+from bench_easier import TOLERANCE, _t6, accuracy, model_parser, per_model, resolution
 
 from onnx_easier.api import optimize
 
@@ -84,18 +81,10 @@ def summary(results: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME", help="models in models/")
-    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="S")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    results = []
-    for name in args.models:
-        t0 = time.perf_counter()
-        results.append(bench_model(name, args.models_dir, args.seeds))
-        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    results = per_model(args.models, lambda name: bench_model(name, args.models_dir, args.seeds))
     print(table(results))
     print()
     print(summary(results))

@@ -17,9 +17,7 @@ of at one tolerance, where the run that stops early also loses less. With 540 te
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +27,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_easier import MODELS, MODELS_DIR, accuracy, resolution
+from bench_easier import accuracy, model_parser, per_model, resolution
 
 from onnx_easier.api import optimize
 
@@ -101,18 +99,10 @@ def iso_table(results: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME", help="models in models/")
-    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES), metavar="T")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    results = []
-    for name in args.models:
-        t0 = time.perf_counter()
-        results.append(sweep(name, args.models_dir, args.tolerances))
-        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    results = per_model(args.models, lambda name: sweep(name, args.models_dir, args.tolerances))
     print(table(results))
     print()
     print(iso_table(results))
