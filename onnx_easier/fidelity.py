@@ -32,8 +32,8 @@ the percentile, as a larger coefficient accepts less KL): at tolerance 0.01 (mea
 loss of any accepted variant of any model was 0.93 points, where 0.10 would reach 1.48. The percentile moves with
 the re-fit and the split (earlier runs: 10.88, 12.66, 9.94, 10.77); the worst case at 0.01 stayed within 0.74-1.48
 points for every coefficient from 0.10 to 0.14. An estimate from small models on one data set, not a law; ``flip``
-keeps the loss honest once classes do flip. The raw numbers (``top1_agreement``, ``mean_kl``, ``flip_loss``, ``kl_loss``) are kept in
-``Fidelity.components``.
+keeps the loss honest once classes do flip. The raw numbers (``top1_agreement``, ``mean_kl``, ``flip_loss``,
+``kl_loss``) are kept in ``Fidelity.components``.
 
 Logits or probabilities: an output whose reference rows are all non-negative and sum to 1 (within 1e-3) is
 taken as probabilities and used as is (log of the renormalised, clipped values); anything else is taken as
