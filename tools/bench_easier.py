@@ -65,6 +65,31 @@ def resolution(model: onnx.ModelProto) -> int:
     return int(model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value)
 
 
+@dataclass
+class DigitsCase:
+    """One example model with its data files: the calibration file the tool reads, the test split it never sees,
+    and the original's test accuracy (%) and wrong samples."""
+
+    path: Path
+    original: onnx.ModelProto
+    calib: Path
+    x_test: np.ndarray
+    y_test: np.ndarray
+    accuracy: float
+    wrong: list[int]
+
+
+def digits_case(name: str, models_dir: Path) -> DigitsCase:
+    """Load ``models_dir/<name>.onnx`` and its ``digits<R>_{calib,test}.npz`` (R: its input side)."""
+    path = models_dir / f"{name}.onnx"
+    original = onnx.load(str(path))
+    r = resolution(original)
+    with np.load(models_dir / f"digits{r}_test.npz") as test:
+        x_test, y_test = test["x"], test["y"]
+    acc, wrong = accuracy(original, x_test, y_test)
+    return DigitsCase(path, original, models_dir / f"digits{r}_calib.npz", x_test, y_test, acc, wrong)
+
+
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> tuple[float, list[int]]:
     """Top-1 accuracy (%) of ``model``'s first output on ``x`` (ORT, optimizations off), and the indices of the
     samples it gets wrong."""
@@ -93,13 +118,9 @@ def search_summary(report: dict) -> list[dict]:
 
 
 def bench_model(name: str, models_dir: Path, budget: float) -> dict:
-    path = models_dir / f"{name}.onnx"
-    original = onnx.load(str(path))
-    r = resolution(original)
-    calib = models_dir / f"digits{r}_calib.npz"
-    with np.load(models_dir / f"digits{r}_test.npz") as test:
-        x_test, y_test = test["x"], test["y"]
-    acc_before, _ = accuracy(original, x_test, y_test)
+    case = digits_case(name, models_dir)
+    path, original, calib, x_test, y_test, acc_before = (case.path, case.original, case.calib, case.x_test,
+                                                         case.y_test, case.accuracy)
 
     runs: dict[str, dict] = {}
     models: dict[str, onnx.ModelProto] = {"original": original}

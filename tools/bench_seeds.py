@@ -19,38 +19,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_easier import TOLERANCE, _t6, accuracy, model_parser, per_model, resolution
+from bench_easier import TOLERANCE, DigitsCase, _t6, accuracy, digits_case, model_parser, per_model
 
 from onnx_easier.api import optimize
 
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def _run(path: Path, calib: Path, x: np.ndarray, y: np.ndarray, acc_before: float, **kwargs) -> dict:
-    result = optimize(path, calib, tolerance=TOLERANCE, **kwargs)
-    acc, wrong = accuracy(result.model, x, y)
+def _run(case: DigitsCase, **kwargs) -> dict:
+    result = optimize(case.path, case.calib, tolerance=TOLERANCE, **kwargs)
+    acc, wrong = accuracy(result.model, case.x_test, case.y_test)
     return {"linearized": sum(a["action"] == "linearized" for a in result.report["activations"]),
-            "fidelity": result.report["fidelity"]["value"], "accuracy_loss": acc_before - acc, "test_errors": wrong}
+            "fidelity": result.report["fidelity"]["value"], "accuracy_loss": case.accuracy - acc,
+            "test_errors": wrong}
 
 
 def bench_model(name: str, models_dir: Path, seeds: Sequence[int]) -> dict:
-    path = models_dir / f"{name}.onnx"
-    r = resolution(onnx.load(str(path)))
-    calib = models_dir / f"digits{r}_calib.npz"
-    with np.load(models_dir / f"digits{r}_test.npz") as test:
-        x, y = test["x"], test["y"]
-    acc_before, _ = accuracy(onnx.load(str(path)), x, y)
+    case = digits_case(name, models_dir)
     rows = []
     for seed in seeds:
-        runs = {"no-refit": _run(path, calib, x, y, acc_before, refit=False, seed=seed),
-                "refit": _run(path, calib, x, y, acc_before, seed=seed)}
+        runs = {"no-refit": _run(case, refit=False, seed=seed), "refit": _run(case, seed=seed)}
         cap = 2 * runs["no-refit"]["linearized"]
         runs["matched"] = (runs["refit"] if runs["refit"]["linearized"] <= cap else
-                           _run(path, calib, x, y, acc_before, seed=seed, max_remove=cap))
+                           _run(case, seed=seed, max_remove=cap))
         checks = {label: _t6(runs[label], runs["no-refit"]) for label in ("refit", "matched")}
         rows.append({"seed": seed, "runs": runs, "t6": {k: {"text": t, "ok": ok} for k, (t, ok) in checks.items()}})
     return {"model": name, "rows": rows}

@@ -23,11 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_easier import accuracy, model_parser, per_model, resolution
+from bench_easier import accuracy, digits_case, model_parser, per_model
 
 from onnx_easier.api import optimize
 
@@ -36,19 +33,14 @@ TOLERANCES = (0.005, 0.01, 0.02, 0.04)
 
 def sweep(name: str, models_dir: Path, tolerances: Sequence[float]) -> dict:
     """Every (re-fit on/off, tolerance) run of one model: counts, fidelity loss, test loss, flipped samples."""
-    path = models_dir / f"{name}.onnx"
-    original = onnx.load(str(path))
-    r = resolution(original)
-    calib = models_dir / f"digits{r}_calib.npz"
-    with np.load(models_dir / f"digits{r}_test.npz") as test:
-        x_test, y_test = test["x"], test["y"]
-    acc_before, wrong_before = accuracy(original, x_test, y_test)
+    case = digits_case(name, models_dir)
+    acc_before, wrong_before = case.accuracy, case.wrong
     points = []
     for refit in (False, True):
         for tol in tolerances:
             t0 = time.perf_counter()
-            result = optimize(path, calib, tolerance=tol, refit=refit)
-            acc, wrong = accuracy(result.model, x_test, y_test)
+            result = optimize(case.path, case.calib, tolerance=tol, refit=refit)
+            acc, wrong = accuracy(result.model, case.x_test, case.y_test)
             acts = result.report["activations"]
             points.append({
                 "refit": refit, "tolerance": tol,
@@ -57,7 +49,7 @@ def sweep(name: str, models_dir: Path, tolerances: Sequence[float]) -> dict:
                 "newly_wrong": len(set(wrong) - set(wrong_before)), "newly_right": len(set(wrong_before) - set(wrong)),
                 "wall_s": time.perf_counter() - t0,
             })
-    return {"model": name, "test_accuracy": acc_before, "test_samples": len(y_test), "points": points}
+    return {"model": name, "test_accuracy": acc_before, "test_samples": len(case.y_test), "points": points}
 
 
 def iso_loss(res: dict) -> list[dict]:
