@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_easier.graph_utils import constant_value, consumers, is_graph_output, producer, single_consumer
@@ -77,35 +76,6 @@ class Activation:
 # ----------------------------------------------------------------------------------------------------------------------
 # Preparation: shapes and node names
 # ----------------------------------------------------------------------------------------------------------------------
-
-_TWO_GB = 2**31 - 1
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model whose MAIN graph's value_info is filled in by ONNX shape inference (subgraphs, node
-    attributes and graph inputs/outputs stay exactly as they were: inference would rewrite a Loop body's unknown
-    dims), or ``model`` unchanged when inference fails or the model is over 2 GB. Tensors inference leaves without
-    a shape (after ops it cannot infer, e.g. ai.onnx.ml's) get theirs from ONNX Runtime (ort_shapes.py) when the
-    model runs on synthetic inputs. Run it before ``model_io.to_graph`` so that ranks and ``Activation.channels``
-    are known."""
-    if model.ByteSize() >= _TWO_GB:
-        _LOG.warning("shape inference skipped: the model is over 2 GB; channel counts may be unknown")
-        return model
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(inferred.graph.value_info)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        _LOG.warning("shape inference failed (%s); channel counts may be unknown", first)
-        return model
-    from onnx_easier.ort_shapes import fill_unknown  # here: import cycle via calibrate
-
-    fill_unknown(out)  # ops without ONNX shape inference (ai.onnx.ml): ask ONNX Runtime
-    return out
-
 
 def ensure_node_names(graph: gs.Graph) -> int:
     """Give every node of ``graph`` (main graph only) a unique name; return how many were (re)named.
@@ -634,7 +604,7 @@ def find_activations(graph: gs.Graph) -> list[Activation]:
 
     Names unnamed nodes first (``ensure_node_names``), so records' names are unique and stable. Decompositions
     are matched before single ops, largest first; a node belongs to at most one activation. Shapes come from the
-    graph's tensors: run ``infer_shapes`` on the model before import when they are missing.
+    graph's tensors: run ``shapes.infer_shapes`` on the model before import when they are missing.
     """
     ensure_node_names(graph)
     order = _topological_order(graph)

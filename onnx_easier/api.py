@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnx_easier import __version__
-from onnx_easier.activations import Activation, ensure_node_names, find_activations, infer_shapes
+from onnx_easier.activations import Activation, ensure_node_names, find_activations
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs, load_data
@@ -40,6 +40,7 @@ from onnx_easier.select import (
     run_batch,
     split_data,
 )
+from onnx_easier.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from onnx_easier.data import CalibrationData, choose_batch_size, fixed_batch, in
 from onnx_easier.entropy import channel_on_fraction, layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
 from onnx_easier.model_io import make_session
+from onnx_easier.shapes import augment, tensor_types
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +212,6 @@ def _channels_in_middle(x: np.ndarray, axis: int) -> np.ndarray:
 # --- step 1: augment ----------------------------------------------------------------------------------------------
 
 
-def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs (element type from shape inference when it is
-    known; no shape). Tensors that already are graph outputs are not added again."""
-    return _augment(model, tensors, _inferred_types(model))
-
-
 def upstream(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are ``tensors`` (in that order) and whose nodes and initializers are only
     those they are computed from (every graph input stays, so the same feeds serve). ONNX Runtime runs every node of
@@ -256,36 +251,6 @@ def _copy(message: Message) -> Message:
     return out
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # unknown ops, models over 2 GB
-        log.debug("shape inference failed (%s); exposed tensors get no type", exc)
-        inferred = model
-    g = inferred.graph
-    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
-
-
-def _augment(model: onnx.ModelProto, tensors: list[str], types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    known = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-    present = {o.name for o in g.output}
-    for name in dict.fromkeys(tensors):
-        if name in present:
-            continue
-        if name not in known:
-            raise OnnxEasierError(f"tensor {name!r} is not in the model's main graph; cannot expose it for calibration")
-        vi = onnx.ValueInfoProto(name=name)
-        t = types.get(name)
-        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
-            vi.type.tensor_type.elem_type = t.tensor_type.elem_type
-        g.output.append(vi)
-        present.add(name)
-    return out
-
-
 # --- step 2 and 3: collect and compute ----------------------------------------------------------------------------
 
 
@@ -312,7 +277,7 @@ def calibrate(
     specs = input_specs(model)
     _check_feeds([s.name for s in specs], data)
     fetch = list(dict.fromkeys([a.input for a in activations] + ([a.output for a in activations] if moments else [])))
-    types = _inferred_types(model)
+    types = tensor_types(model)
     fixed = fixed_batch(specs)
     if batch_size is None:
         batch_size = choose_batch_size(specs, data)
@@ -340,7 +305,7 @@ def calibrate(
         )
     if not activations:
         return {}
-    sess = make_session(_augment(model, fetch, types), optimize=False)
+    sess = make_session(augment(model, fetch, types), optimize=False)
     stats: dict[str, ChannelStats] = {}
 
     def fold(values: dict[str, np.ndarray]) -> None:

@@ -18,7 +18,7 @@ import onnx
 from onnx import shape_inference
 
 from onnx_easier.data import fixed_batch, input_specs
-from onnx_easier.ort_shapes import fill_unknown
+from onnx_easier.shapes import fill_unknown
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 

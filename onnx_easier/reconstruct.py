@@ -37,7 +37,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from onnx_easier.activations import infer_shapes
 from onnx_easier.calibrate import upstream
 from onnx_easier.data import CalibrationData
 from onnx_easier.graph_utils import is_constant, single_consumer
@@ -45,6 +44,7 @@ from onnx_easier.linear_math import ConvLayer, to_dense
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
 from onnx_easier.refit import RIDGES, RefitTooLarge, feature_count, fit_layer
+from onnx_easier.shapes import infer_shapes
 from onnx_easier.softmax_fit import fit_softmax
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_easier.activations import Activation, infer_shapes
+from onnx_easier.activations import Activation
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs
@@ -43,6 +43,7 @@ from onnx_easier.graph_utils import is_constant
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
+from onnx_easier.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from onnx_easier.activations import (
     activation_numpy,
     ensure_node_names,
     find_activations,
-    infer_shapes,
 )
 from onnx_easier.model_io import make_session, to_graph
+from onnx_easier.shapes import infer_shapes
 
 F32 = TensorProto.FLOAT
 C = 4  # channels of the tensor h that every spelling reads

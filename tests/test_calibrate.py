@@ -12,11 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_easier import calibrate as calibrate_module
 from onnx_easier.activations import Activation
-from onnx_easier.calibrate import ChannelStats, augment, calibrate, upstream
+from onnx_easier.calibrate import ChannelStats, calibrate, upstream
 from onnx_easier.data import CalibrationData, input_specs, load_data
 from onnx_easier.entropy import layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
 from onnx_easier.model_io import make_session
+from onnx_easier.shapes import augment
 
 F32 = TensorProto.FLOAT
 C, HW, K = 4, 6, 5  # conv channels, spatial size, gemm units

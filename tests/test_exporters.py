@@ -249,7 +249,7 @@ def test_skl2onnx(tmp_path: Path, capsys, digits, kind: str) -> None:
 
 
 def test_skl2onnx_scaler_pipeline_fuses(tmp_path: Path, capsys, digits) -> None:
-    """ai.onnx.ml's Scaler has no ONNX shape inference: the ranks after it come from ONNX Runtime (ort_shapes.py),
+    """ai.onnx.ml's Scaler has no ONNX shape inference: the ranks after it come from ONNX Runtime (shapes.py),
     so with both ReLUs linearized the three MatMul/Add layers fuse into one."""
     pytest.importorskip("skl2onnx")
     x, y = digits

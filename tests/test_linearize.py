@@ -9,10 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_activations import SPELLINGS, C, _checked, const, make_model, node
 
-from onnx_easier.activations import Activation, find_activations, infer_shapes
+from onnx_easier.activations import Activation, find_activations
 from onnx_easier.model_io import make_session, to_graph, to_model
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.linearize import linearize
+from onnx_easier.shapes import infer_shapes
 
 RNG = np.random.default_rng(7)
 A = RNG.uniform(0.5, 1.5, size=C)

@@ -123,8 +123,9 @@ def test_split_in_whole_batches_for_a_fixed_batch_model() -> None:
 
 
 def test_adjacent_runs_follow_the_chain() -> None:
-    from onnx_easier.activations import find_activations, infer_shapes
+    from onnx_easier.activations import find_activations
     from onnx_easier.model_io import to_graph
+    from onnx_easier.shapes import infer_shapes
 
     m = infer_shapes(mlp(1.0))
     acts = find_activations(to_graph(m))
@@ -135,8 +136,9 @@ def test_adjacent_runs_follow_the_chain() -> None:
 def mlp_without_r2(hidden: int, samples: int, n_fit: int = 500) -> tuple:
     """(original, built, x, fit, check): ``mlp(bias1=8.0, hidden)`` and the same with r2 linearized by identity and
     fused; ``samples`` standard-normal inputs, the first ``n_fit`` to fit, the rest to check."""
-    from onnx_easier.activations import find_activations, infer_shapes
+    from onnx_easier.activations import find_activations
     from onnx_easier.model_io import to_graph
+    from onnx_easier.shapes import infer_shapes
 
     original = infer_shapes(mlp(bias1=8.0, hidden=hidden))
     acts = {a.name: a for a in find_activations(to_graph(original))}
@@ -313,9 +315,10 @@ def test_trials_are_reused_across_strategies(tmp_path: Path) -> None:
 def test_downstream_layers_include_the_other_branch_of_a_residual_add() -> None:
     """r1's output a1 feeds w2a and the identity skip into add2: the layers re-fitted after linearizing r1 are w2a,
     w3 (past add2 and r2), and w2b, which ends add2's other branch; nothing upstream of r1."""
-    from onnx_easier.activations import find_activations, infer_shapes
+    from onnx_easier.activations import find_activations
     from onnx_easier.model_io import to_graph
     from onnx_easier.select import downstream_layers
+    from onnx_easier.shapes import infer_shapes
 
     m = infer_shapes(residual_mlp())
     acts = {a.name: a for a in find_activations(to_graph(m))}

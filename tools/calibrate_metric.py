@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_easier.activations import Activation, infer_shapes
+from onnx_easier.activations import Activation
 from onnx_easier.api import analyze
 from onnx_easier.calibrate import calibrate
 from onnx_easier.fidelity import KL_COEF
@@ -63,6 +63,7 @@ from onnx_easier.select import (
     run_batch,
     split_data,
 )
+from onnx_easier.shapes import infer_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "models"

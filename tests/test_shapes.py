@@ -1,12 +1,11 @@
-"""Shapes ONNX inference leaves unknown, read from ONNX Runtime (ort_shapes.py, activations.infer_shapes)."""
+"""Shapes ONNX inference leaves unknown, read from ONNX Runtime (shapes.py)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_easier.activations import infer_shapes
-from onnx_easier.ort_shapes import ort_value_info, unknown_tensors
+from onnx_easier.shapes import infer_shapes, ort_value_info, unknown_tensors
 
 
 def scaler_mlp(batch: str | int = "N") -> onnx.ModelProto:
@@ -81,3 +80,27 @@ def test_models_with_subgraphs_are_not_run() -> None:
                                                                                             [True])))
     m.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=then, else_branch=other))
     assert ort_value_info(m, ["s", "z"]) == []
+
+
+def test_shapes_module_has_no_import_cycle() -> None:
+    """shapes.py is the one home for shapes: importing it first, in a fresh interpreter, pulls in none of the modules
+    that use it (calibrate, activations, passes), so no function-level import is needed anywhere."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnx_easier.shapes; "
+            "bad = [m for m in ('onnx_easier.calibrate', 'onnx_easier.activations', 'onnx_easier.fusion') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_strict_failure_names_the_problem() -> None:
+    from onnx_easier.shapes import strict_failure
+
+    bad = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[2, 3] y) { s = Constant <value = int64[1] {4}> () y = Reshape(x, s) }""")
+    assert strict_failure(bad) is not None and "Reshape" in strict_failure(bad)
+    good = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }""")
+    assert strict_failure(good) is None

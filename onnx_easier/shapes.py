@@ -1,4 +1,12 @@
-"""Tensor shapes that ONNX shape inference leaves unknown, read from ONNX Runtime instead.
+"""Shapes in one place: ONNX shape inference (lenient for the passes, strict for the checks), the ONNX Runtime
+fallback for tensors ONNX cannot type, and exposing inner tensors as outputs. The passes, the calibration and the
+checks all come here; this module imports nothing of theirs (no import cycle).
+
+- ``infer_shapes(model)``: lenient inference (value_info of the main graph) + the ORT fallback; for the passes.
+- ``strict_failure(model)``: why strict, typed inference fails (None when it passes); for the checks.
+- ``augment(model, tensors)``: a copy with inner tensors exposed as graph outputs; for calibration and checks.
+
+The ORT fallback: Tensor shapes that ONNX shape inference leaves unknown, read from ONNX Runtime instead.
 
 Some ops have no ONNX shape inference (ai.onnx.ml's Scaler, Normalizer, ... in skl2onnx pipelines): every tensor
 after them has an unknown rank, and the fusion passes refuse layers whose data rank they cannot see. ORT knows the
@@ -25,7 +33,6 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_easier.calibrate import augment
 from onnx_easier.data import InputSpec, input_specs
 from onnx_easier.errors import OnnxEasierError
 from onnx_easier.model_io import make_session
@@ -88,7 +95,7 @@ def _has_subgraphs(model: onnx.ModelProto) -> bool:
 def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
     """ValueInfoProtos for the tensors ``names`` from two ORT runs (module docstring); [] when the model cannot
     be run on synthetic inputs."""
-    if not names or model.ByteSize() > MAX_BYTES or _has_subgraphs(model):
+    if not names or _too_big(model, MAX_BYTES) or _has_subgraphs(model):
         return []
     try:
         specs = input_specs(model)
@@ -127,3 +134,100 @@ def fill_unknown(model: onnx.ModelProto, *, dims: bool = False) -> None:
         kept = [vi for vi in model.graph.value_info if vi.name not in names]
         del model.graph.value_info[:]
         model.graph.value_info.extend(kept + found)
+
+
+# --- exposing tensors as outputs -----------------------------------------------------------------------------
+
+
+def augment(model: onnx.ModelProto, tensors: list[str],
+            types: dict[str, onnx.TypeProto] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` added as graph outputs (element type from shape inference when it is
+    known; no shape). Tensors that already are graph outputs are not added again."""
+    return _augment(model, tensors, tensor_types(model) if types is None else types)
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Type of every main-graph tensor ONNX shape inference knows (inputs, value_info, outputs); {} entries are
+    missing where inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # unknown ops, models over 2 GB
+        _LOG.debug("shape inference failed (%s); exposed tensors get no type", exc)
+        inferred = model
+    g = inferred.graph
+    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
+
+
+def _augment(model: onnx.ModelProto, tensors: list[str], types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    known = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    present = {o.name for o in g.output}
+    for name in dict.fromkeys(tensors):
+        if name in present:
+            continue
+        if name not in known:
+            raise OnnxEasierError(f"tensor {name!r} is not in the model's main graph; cannot expose it for calibration")
+        vi = onnx.ValueInfoProto(name=name)
+        t = types.get(name)
+        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+            vi.type.tensor_type.elem_type = t.tensor_type.elem_type
+        g.output.append(vi)
+        present.add(name)
+    return out
+
+
+# --- lenient inference for the passes ------------------------------------------------------------------------
+
+
+_TWO_GB = 2**31 - 1
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose MAIN graph's value_info is filled in by ONNX shape inference (subgraphs, node
+    attributes and graph inputs/outputs stay exactly as they were: inference would rewrite a Loop body's unknown
+    dims), or ``model`` unchanged when inference fails or the model is over 2 GB. Tensors inference leaves without
+    a shape (after ops it cannot infer, e.g. ai.onnx.ml's) get theirs from ONNX Runtime (``fill_unknown`` below) when the
+    model runs on synthetic inputs. Run it before ``model_io.to_graph`` so that ranks and ``Activation.channels``
+    are known."""
+    if _too_big(model):
+        _LOG.warning("shape inference skipped: the model is over 2 GB; channel counts may be unknown")
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(inferred.graph.value_info)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        _LOG.warning("shape inference failed (%s); channel counts may be unknown", first)
+        return model
+    fill_unknown(out)  # ops without ONNX shape inference (ai.onnx.ml): ask ONNX Runtime
+    return out
+
+
+def strict_failure(model: onnx.ModelProto) -> str | None:
+    """The first line of the error strict, typed ONNX shape inference raises on ``model``, or None if it passes.
+    Models over 2 GB are not inferred (protobuf cannot serialise them for the checker): None."""
+    if _too_big(model):
+        return None
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as exc:
+        return _first_line(exc)
+    return None
+
+
+def _too_big(model: onnx.ModelProto, limit: int = _TWO_GB) -> bool:
+    """Whether ``model`` serialises to ``limit`` bytes or more (protobuf raises on ByteSize over 2 GB)."""
+    try:
+        return model.ByteSize() >= limit
+    except Exception:  # noqa: BLE001 - protobuf's size errors have no common type
+        return True
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
