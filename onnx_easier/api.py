@@ -28,6 +28,8 @@ from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationEr
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
 from onnx_easier.latency import LatencyStats, measure_latency
 from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
+from onnx_easier.passes.base import PassResult
+from onnx_easier.safety import CheckData, base_rtol, exactness_bound
 from onnx_easier.select import (
     STRATEGIES,
     Judge,
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 LINEARIZE_MODES = ("identity", "affine")
 EXACT_RTOL = 1e-4  # fusions are exact: max |a - b| / max(1, max |a|) over every output
 VERIFY_SAMPLES = 64
+GUARD_SAMPLES = 8  # samples of the batch the fail-safe checks of every rewrite run on
 NOISE_MARGIN = 0.03  # a result measuring at most 3% slower than the input counts as not slower (timing noise)
 
 
@@ -238,22 +241,46 @@ def _finish(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _exact_or_input(analysis: Analysis, fused: onnx.ModelProto, judge: Judge,
+                    rtol: float) -> tuple[onnx.ModelProto, float, str | None]:
+    """The exact-fusion model when it passes the final checks (full checker, strict shape inference, outputs
+    within ``rtol`` of the original on the held-out samples), else the input's graph unchanged, with a note: on a
+    valid model that ORT runs, the exact mode never fails."""
+    try:
+        model = _finish(analysis, fused)
+        err = judge.max_relative_error(model)
+        if err <= rtol:
+            return model, err, None
+        reason = f"relative error {err:.2e} > {rtol:.2e} on the held-out samples"
+    except (OnnxEasierError, onnx.checker.ValidationError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    note = f"the exact fusions were rolled back, the input's graph is kept: {reason}"
+    log.warning("%s", note)
+    original = onnx.ModelProto()
+    original.CopyFrom(analysis.model)
+    return original, 0.0, note
+
+
 def _passes(results: list) -> list[dict]:
     """The report's "passes": one entry per PassResult, in order."""
     return [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in results]
 
 
 def exact_rtol(model: onnx.ModelProto) -> float:
-    """Relative error allowed for "exact" rewrites: 1e-4 in float32/64; rounding of the lowest-precision float
-    type the model computes in otherwise (4 ulps at 1: float16 3.9e-3, bfloat16 3.1e-2)."""
-    types = {t.data_type for t in model.graph.initializer}
-    types |= {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
-              if v.type.HasField("tensor_type")}
-    if onnx.TensorProto.BFLOAT16 in types:
-        return 4 * 2.0**-7
-    if onnx.TensorProto.FLOAT16 in types:
-        return 4 * 2.0**-10
-    return EXACT_RTOL
+    """Base relative error allowed for "exact" rewrites (safety.base_rtol): 1e-4 in float32/64, the rounding of
+    the lowest-precision float type otherwise. ``check_data`` widens it for models that amplify rounding."""
+    return base_rtol(model)
+
+
+def check_data(model: onnx.ModelProto, data: CalibrationData) -> CheckData:
+    """The batch (at most GUARD_SAMPLES samples) every fail-safe check of this run uses, and the exactness bound
+    measured on it (safety.exactness_bound)."""
+    sub = data.subset(0, min(GUARD_SAMPLES, data.samples))
+    feeds = list(sub.batches(run_batch(model, sub, GUARD_SAMPLES), drop_last=bool(fixed_batch(input_specs(model)))))
+    feeds = feeds[:1] or list(data.batches(run_batch(model, data, GUARD_SAMPLES)))[:1]
+    rtol, sensitivity = exactness_bound(model, feeds)
+    log.info("exactness bound %.2e (output change under a 2^-20 input perturbation: %.2e)", rtol, sensitivity)
+    return CheckData(feeds, rtol)
 
 
 def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tuple[onnx.ModelProto, dict, Callable]:
@@ -261,9 +288,10 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
     if remove > len(analysis.activations):
         log.warning("--remove %d: the model has only %d activations; linearizing all", remove, len(chosen))
     fits = {a.name: analysis.stats[a.name].affine_fit() for a in chosen} if mode == "affine" else None
-    built = linearize_and_fuse(analysis.model, chosen, mode, fits, kept_nodes(analysis.activations, chosen))
+    checks = check_data(analysis.model, analysis.data)
+    built = linearize_and_fuse(analysis.model, chosen, mode, fits, kept_nodes(analysis.activations, chosen), checks)
     out = _finish(analysis, built.model)
-    rtol = exact_rtol(analysis.model)
+    rtol = checks.rtol
     err = max_relative_error(built.reference, out, analysis.data)
     if err > rtol:
         raise VerificationError(
@@ -311,16 +339,15 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
-    rtol = exact_rtol(analysis.model)
-    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations))
-    exact_model = _finish(analysis, exact_model)
-    err = judge.max_relative_error(exact_model)
-    if err > rtol:
-        raise VerificationError(f"internal error: the exact fusions changed the outputs (relative error {err:.2e}); "
-                                "nothing was written. Please report this model.")
+    checks = check_data(analysis.model, holdout)
+    rtol = checks.rtol
+    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations), checks)
+    exact_model, err, fallback = _exact_or_input(analysis, exact_model, judge, rtol)
+    if fallback:
+        exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, on_step)
+                    max_remove, shapes, on_step, checks)
     results: list[SearchResult] = []
     if tolerance > 0 and analysis.activations and max_remove != 0:
         for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
@@ -330,7 +357,12 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     lat_batch = run_batch(analysis.model, analysis.data, 1)  # batch 1 unless the model fixes its batch
     feeds = next(analysis.data.batches(lat_batch, drop_last=True))
     models = {"original": analysis.model, "exact": exact_model}
-    models.update({f"search:{r.strategy}": _finish(analysis, r.model) for r in results if r.linearized})
+    for r in results:
+        if r.linearized:
+            try:
+                models[f"search:{r.strategy}"] = _finish(analysis, r.model)
+            except (OnnxEasierError, onnx.checker.ValidationError) as exc:  # never pay for a broken rewrite
+                log.warning("the %s search's model is dropped: %s", r.strategy, exc)
     if on_step:
         on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
     lat = measure_latency(models, feeds, provider=provider)
@@ -364,7 +396,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
     warning = fidelity.training_data_warning()
-    report["warnings"] = [w for w in (warning, note) if w]
+    report["warnings"] = [w for w in (warning, note, fallback) if w]
     report["latency_ms"] = {"before": lat["original"].median_ms, "after": lat[chosen].median_ms,
                             "provider": provider, "batch": int(next(iter(feeds.values())).shape[0]),
                             "ratio": lat[chosen].median_ms / lat["original"].median_ms,

@@ -37,12 +37,15 @@ from onnx_easier.activations import Activation
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, fixed_batch, input_specs
+from onnx_easier.errors import OnnxEasierError
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.graph_utils import is_constant
 from onnx_easier.model_io import make_session, to_graph, to_model
+from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
+from onnx_easier.safety import CheckData, Failure, output_error
 from onnx_easier.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
@@ -69,28 +72,61 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
-def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto,
-               protected: Collection[str] = ()) -> tuple[onnx.ModelProto, FusionResult]:
+def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto, protected: Collection[str] = (),
+               checks: CheckData | None = None) -> tuple[onnx.ModelProto, FusionResult]:
     """Shape inference -> fusion passes (``protected`` nodes untouched) -> export (value_info dropped: it may be
-    stale after rewrites)."""
+    stale after rewrites).
+
+    ``checks``: fail-safe fusion. The fused model is checked against ``model`` (safety.Guard); when it fails, the
+    fusion runs again with every pass checked and what breaks rolled back (fusion.py); if even that result fails,
+    every fusion is given up and ``model`` comes back unfused, with a warning. Without ``checks`` (cost estimates)
+    nothing is checked."""
     graph = to_graph(infer_shapes(model))
-    result = fuse(graph, protected=protected)
+    if checks is None:
+        result = fuse(graph, protected=protected)
+        return _export(graph, template), result
+    guard = checks.guard(model, template)
+    try:
+        result = fuse(graph, protected=protected)
+        out = _export(graph, template)
+    except Exception as exc:  # noqa: BLE001 - a pass that crashes: find it pass by pass below
+        failure = Failure(f"fusion raised {type(exc).__name__}: {exc}")
+    else:
+        failure = guard.failure(out)
+        if failure is None:
+            return out, result
+    log.info("the fused model fails its check (%s): fusing again pass by pass", failure.reason)
+    graph = to_graph(infer_shapes(model))
+    result = fuse(graph, protected=protected, guard=guard)
+    out = _export(graph, template)
+    failure = guard.failure(out)
+    if failure is not None:
+        note = f"rolled back every fusion: the fused model still fails its check ({failure.reason})"
+        log.warning("%s", note)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        del out.graph.value_info[:]
+        result = FusionResult(results=[PassResult("fusion", 0, [note])])
+    return out, result
+
+
+def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     out = to_model(graph, template)
     del out.graph.value_info[:]
-    return out, result
+    return out
 
 
 def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str,
                        fits: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-                       protected: Collection[str] = ()) -> Built:
-    """Linearize ``acts`` in ``model`` (identity or affine with ``fits``), then fuse, leaving the ``protected``
-    nodes (those of the activations that stay) alone. Shapes are inferred first: the affine map needs the rank of
-    each pre-activation tensor."""
+                       protected: Collection[str] = (), checks: CheckData | None = None) -> Built:
+    """Linearize ``acts`` in ``model`` (identity or affine with ``fits``), then fuse (fail-safe with ``checks``),
+    leaving the ``protected`` nodes (those of the activations that stay) alone. Shapes are inferred first: the
+    affine map needs the rank of each pre-activation tensor."""
     graph = to_graph(infer_shapes(model))
     lin = linearize(graph, acts, mode, fits)
     reference = to_model(graph, model)
     del reference.graph.value_info[:]
-    fused, result = fuse_model(reference, model, protected)
+    fused, result = fuse_model(reference, model, protected, checks)
     return Built(fused, reference, result, lin.changed, lin.notes)
 
 
@@ -248,16 +284,6 @@ def as_array(value: object) -> np.ndarray:
     return np.asarray(value)
 
 
-def output_error(ref: list, cand: list) -> float:
-    """max over outputs of max|r - c| / max(1, max|r|): the exactness measure of rewrites (float64 arithmetic)."""
-    worst = 0.0
-    for u, v in zip(ref, cand):
-        u64, v64 = as_array(u).astype(np.float64), as_array(v).astype(np.float64)
-        scale = max(1.0, float(np.abs(u64).max(initial=0.0)))
-        worst = max(worst, float(np.abs(u64 - v64).max(initial=0.0)) / scale)
-    return worst
-
-
 def run_batch(model: onnx.ModelProto, data: CalibrationData, preferred: int) -> int:
     """Samples per ORT run: the model's fixed batch size (any input's axis 0), 1 with scalar inputs, else
     ``preferred`` (at most the sample count)."""
@@ -339,7 +365,11 @@ def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: di
             for j in range(i + 1, min(i + MAX_GROUP, len(run)) + 1):
                 group = tuple(run[i:j])
                 others = kept_nodes(acts, group)
-                saving = base - macs(linearize_and_fuse(model, list(group), "identity", None, others).model)
+                try:
+                    saving = base - macs(linearize_and_fuse(model, list(group), "identity", None, others).model)
+                except Exception as exc:  # noqa: BLE001 - an estimate only: a group whose fusion fails is no merge
+                    log.debug("merge group %s not estimated: %s", [a.name for a in group], exc)
+                    continue
                 if saving > 0:
                     out.append(Candidate(group, float(np.mean([entropy[a.name] for a in group])), saving))
     out.sort(key=lambda c: (round(c.entropy, 6), -c.saving))
@@ -395,6 +425,7 @@ class Search:
     max_remove: int | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
     progress: Callable[[str], None] | None = None
+    checks: CheckData | None = None  # fail-safe fusion of every trial (select.fuse_model)
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original)
@@ -448,7 +479,12 @@ class Search:
                 reused = "reused: same state and candidate as an earlier trial"
                 trial = replace(trial, note=f"{trial.note}; {reused}" if trial.note else reused)
             else:
-                trial, model, fid = self._trial(current, path, remaining, cand)
+                try:
+                    trial, model, fid = self._trial(current, path, remaining, cand)
+                except OnnxEasierError as exc:  # a candidate that breaks the model is a rejected candidate
+                    log.warning("trial %s failed and was undone: %s", cand.names, exc)
+                    trial, model, fid = Trial(cand.names, float("nan"), False, 0.0, 0, 0,
+                                              note=f"failed and undone: {exc}"), None, None
                 self._memo[key] = (trial, model, fid)
             trials.append(trial)
             if self.progress and fid is not None:
@@ -471,12 +507,12 @@ class Search:
         stats = self._stats_memo[path]
         fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
         others = kept_nodes(remaining, cand.acts)
-        built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others)
+        built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others, self.checks)
         fallback = ""
         if self.mode == "affine" and built.linearized == len(cand.acts):
             # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
             # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
-            plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
+            plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others, self.checks)
             if plain.linearized == len(cand.acts) and self._more_work(built.model, plain.model):
                 built = plain
                 fallback = "the affine map would stay as a node: identity + re-fit"

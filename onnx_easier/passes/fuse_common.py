@@ -60,6 +60,16 @@ _ONNX_DOMAINS = ("", "ai.onnx", None)
 # traceability
 
 
+class Rewrite(NamedTuple):
+    """One fusion rewrite as it happened: the fused node ``name`` and its ``helpers`` replaced the nodes
+    ``replaced`` (names in the graph as it was, possibly fused nodes of earlier rewrites) and write ``output``."""
+
+    name: str
+    helpers: tuple[str, ...]
+    replaced: tuple[str, ...]
+    output: str
+
+
 class FusedLayer(NamedTuple):
     """Where a fused node came from: it reads tensor ``input`` and writes ``output`` (an original tensor name,
     unchanged), and replaces the original nodes ``sources`` (in data-flow order)."""
@@ -78,6 +88,19 @@ class FusionContext:
 
     mapping: dict[str, FusedLayer] = field(default_factory=dict)
     helpers: dict[str, str] = field(default_factory=dict)
+    journal: list[Rewrite] = field(default_factory=list)  # every rewrite in order (fusion.fuse rolls back by it)
+
+    def snapshot(self) -> tuple[dict[str, FusedLayer], dict[str, str], int]:
+        """What ``restore`` needs to undo every ``record`` made after this call."""
+        return dict(self.mapping), dict(self.helpers), len(self.journal)
+
+    def restore(self, saved: tuple[dict[str, FusedLayer], dict[str, str], int]) -> None:
+        mapping, helpers, length = saved
+        self.mapping.clear()
+        self.mapping.update(mapping)
+        self.helpers.clear()
+        self.helpers.update(helpers)
+        del self.journal[length:]
 
     def expand(self, names: list[str]) -> list[str]:
         """Original node names behind ``names``: fused names are replaced by their sources; a helper node stands
@@ -106,6 +129,7 @@ class FusionContext:
             self.helpers.pop(name, None)
         self.mapping[new[0]] = FusedLayer(input_name, output_name, sources)
         self.helpers.update({h: new[0] for h in new[1:]})
+        self.journal.append(Rewrite(new[0], tuple(new[1:]), tuple(replaced), output_name))
         return sources
 
 
