@@ -95,3 +95,9 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     while f"{base}_{i}" in used:
         i += 1
     return f"{base}_{i}"
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` as a C-contiguous array of the SAME shape: ``np.ascontiguousarray`` turns a 0-d scalar into shape (1,),
+    and a scalar and a one-element vector are different constants to ONNX (Gather, Slice, Concat, Reshape)."""
+    return np.ascontiguousarray(a).reshape(np.shape(a))

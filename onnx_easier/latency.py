@@ -32,6 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_easier.errors import BadArgumentError, BadDataError
+from onnx_easier.graph_utils import contiguous
 from onnx_easier.model_io import make_session
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str
         return run_cpu
     binding = sess.io_binding()
     for n, arr in feed.items():
-        binding.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), "cuda", 0))
+        binding.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(contiguous(arr), "cuda", 0))
     for n in outputs:
         binding.bind_output(n, "cuda")
 

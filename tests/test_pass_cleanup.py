@@ -138,3 +138,37 @@ def test_merge_constants() -> None:
     out, results = cleaned(net, cleanup.merge_constants)
     assert sorted(i.name for i in out.graph.initializer) == ["c1", "c4"]  # float64 c4 is a different constant
     assert results[0].changed == 2
+
+
+def test_merge_constants_keeps_scalars_apart_from_one_element_vectors() -> None:
+    """A 0-d index and a [1] vector with the same bytes are different constants to Gather (rank of the result) and
+    Concat: merging them broke a ViT export's cls-token Gather ("All inputs to Concat must have same rank")."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_easier.model_io import make_session, to_graph, to_model
+    from onnx_easier.passes.cleanup import merge_constants
+
+    nodes = [helper.make_node("Gather", ["x", "i0"], ["g"], axis=1),        # [N, 4] with a scalar index: [N]
+             helper.make_node("Unsqueeze", ["g", "ax"], ["u"]),              # [N, 1]
+             helper.make_node("Gather", ["x", "i1"], ["h"], axis=1),        # [N, 1] with a [1] index
+             helper.make_node("Concat", ["u", "h"], ["y"], axis=1)]
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array([0], np.int64), "i1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    graph = to_graph(model)
+    merge_constants(graph)
+    out = to_model(graph, model)
+    assert {n.input[1] for n in out.graph.node if n.op_type == "Gather"} == {"i0", "i1"}
+    onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert np.array_equal(make_session(out).run(None, {"x": x})[0], make_session(model).run(None, {"x": x})[0])
+
+
+def test_contiguous_keeps_the_shape_of_a_scalar() -> None:
+    from onnx_easier.graph_utils import contiguous
+
+    assert contiguous(np.float32(2.0)).shape == ()
+    assert contiguous(np.ones((3, 2), order="F")).flags["C_CONTIGUOUS"]

@@ -98,8 +98,8 @@ def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
         for i, t in enumerate(node.inputs):
             if not isinstance(t, gs.Constant) or t.name in in_subgraphs or is_graph_output(graph, t):
                 continue
-            arr = np.ascontiguousarray(np.asarray(t.values))
-            key = (arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
+            values = np.asarray(t.values)  # its own shape: ascontiguousarray would make a 0-d scalar look (1,)
+            key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes(order="C")).hexdigest())
             keep = first.setdefault(key, t)
             if keep is not t:
                 node.inputs[i] = keep

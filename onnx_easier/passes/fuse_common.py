@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from onnx_easier.graph_utils import attr, constant_value, consumers, is_constant
+from onnx_easier.graph_utils import attr, constant_value, consumers, contiguous, is_constant
 from onnx_easier.linear_math import (
     Composed,
     ConvLayer,
@@ -695,7 +695,7 @@ def emit(graph: gs.Graph, names: Names, name: str, layout: Layout, x: gs.Tensor,
     nodes: list[gs.Node] = []
 
     def const(suffix: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(names.take(f"{name}.{suffix}"), np.ascontiguousarray(value.astype(dtype)))
+        return gs.Constant(names.take(f"{name}.{suffix}"), contiguous(value.astype(dtype)))
 
     def tmp(suffix: str, shape: list | None) -> gs.Variable:
         return gs.Variable(names.take(f"{name}.{suffix}"), dtype=out.dtype, shape=shape)

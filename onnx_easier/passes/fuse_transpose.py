@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_easier.graph_utils import attr, constant_value, is_constant, producer, single_consumer
+from onnx_easier.graph_utils import attr, constant_value, contiguous, is_constant, producer, single_consumer
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.fuse_common import (
     FLOAT_DTYPES,
@@ -139,9 +139,9 @@ def _rewrite(graph: gs.Graph, names: Names, ctx: FusionContext, node: gs.Node, s
         replaced = e.names + [node_label(node)]
     name = names.take(fused_name(ctx.expand(replaced)))
     attrs = dict(node.attrs)
-    inputs = [x, gs.Constant(names.take(f"{name}.weight"), np.ascontiguousarray(w_new.astype(dtype)))]
+    inputs = [x, gs.Constant(names.take(f"{name}.weight"), contiguous(w_new.astype(dtype)))]
     if b is not None or np.any(b_new != 0):
-        inputs.append(gs.Constant(names.take(f"{name}.bias"), np.ascontiguousarray(b_new.astype(dtype))))
+        inputs.append(gs.Constant(names.take(f"{name}.bias"), contiguous(b_new.astype(dtype))))
     detach([node] + e.nodes)
     new = gs.Node("ConvTranspose", name, attrs, inputs, [out])
     graph.nodes.append(new)
