@@ -131,11 +131,16 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if over:
         names = {i.name for i in model.graph.input}
         model.graph.initializer.extend(t for t in original.graph.initializer if t.name in over and t.name in names)
-    kinds = {o.name: o.type for o in original.graph.output}
-    for out in model.graph.output:  # gs keeps tensor types only: restore sequence / map / optional outputs
+    kinds = {o.name: o.type for o in [*original.graph.input, *original.graph.output]}
+    for out in [*model.graph.input, *model.graph.output]:
         t = kinds.get(out.name)
-        if t is not None and not t.HasField("tensor_type"):
+        if t is None:
+            continue
+        if not t.HasField("tensor_type"):  # gs keeps tensor types only: restore sequence / map / optional outputs
             out.type.CopyFrom(t)
+        elif not out.type.tensor_type.HasField("shape") and t.tensor_type.HasField("shape") and (
+                out.type.tensor_type.elem_type in (0, t.tensor_type.elem_type)):
+            out.type.CopyFrom(t)  # the checker requires a shape field on graph inputs/outputs (a rewrite lost it)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name or "onnx-easier"
     model.producer_version = original.producer_version

@@ -73,3 +73,19 @@ def test_errors() -> None:
     old.opset_import[0].version = 9
     with pytest.raises(UnsupportedModelError, match="opset 9"):
         load_model(old)
+
+
+@pytest.mark.parametrize("ir", [6, 8])
+def test_to_model_keeps_the_shape_field_of_graph_outputs(ir: int) -> None:
+    """The checker requires a shape field on graph inputs and outputs (any IR): a rewrite that leaves the output
+    tensor without a shape (a dynamically quantized IR-6 model after fusion: "Field 'shape' of 'type' is required
+    but missing") gets the original's type back."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    original = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=ir)
+    graph = to_graph(original)
+    graph.outputs[0].shape = None  # what a rewrite left behind
+    out = to_model(graph, original)
+    assert out.graph.output[0].type == original.graph.output[0].type
+    onnx.checker.check_model(out, full_check=True)
