@@ -89,3 +89,22 @@ def test_to_model_keeps_the_shape_field_of_graph_outputs(ir: int) -> None:
     out = to_model(graph, original)
     assert out.graph.output[0].type == original.graph.output[0].type
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_unsorted_graph_is_sorted_on_load(tmp_path: Path) -> None:
+    """ORT runs graphs whose nodes are out of order (onnxruntime.transformers' float16 converter writes them); the
+    checker refuses them. load_model sorts the nodes (stable) and goes on; a cycle is still an invalid model."""
+    nodes = [helper.make_node("Relu", ["h"], ["y"], name="second"), helper.make_node("Neg", ["x"], ["h"], name="first")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = load_model(path)
+    assert [n.name for n in model.graph.node] == ["first", "second"]
+    cyc = helper.make_graph([helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                             helper.make_node("Add", ["x", "a"], ["y"])], "c",
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(cyc, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "cycle.onnx")
+    with pytest.raises(InvalidModelError, match="topologically sorted"):
+        load_model(tmp_path / "cycle.onnx")
