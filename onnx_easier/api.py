@@ -184,6 +184,7 @@ def optimize(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool = False,
     on_step: Callable[[str], None] | None = None,
+    time_limit: float | None = None,
 ) -> Result:
     """Make ``model`` shallower.
 
@@ -195,6 +196,9 @@ def optimize(
     ``remove=K`` (the paper's mode): linearize exactly the K lowest-entropy activations, fuse, no re-fit, no
     fidelity budget. Either way the fused model is checked against its unfused reference (fusions are exact).
     ``progress`` shows calibration progress bars; ``on_step(message)`` is called once per search trial and long step.
+    ``time_limit`` (seconds from the call): no search trial starts after it; the best model verified so far (the
+    candidates accepted until then) goes on to the latency step and is written, and the report says the search was
+    cut short (``report["time_limit"]``). None: no limit.
     """
     if linearize_mode not in LINEARIZE_MODES:
         raise BadArgumentError(f"--linearize must be one of {', '.join(LINEARIZE_MODES)}, not {linearize_mode!r}")
@@ -208,6 +212,8 @@ def optimize(
         raise BadArgumentError(f"--max-remove must be >= 0, not {max_remove}")
     if not tolerance >= 0:
         raise BadArgumentError(f"--tolerance must be >= 0, not {tolerance}")
+    if time_limit is not None and not time_limit > 0:
+        raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
     t_start = time.perf_counter()
     paper = remove is not None
     analysis = analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes,
@@ -218,7 +224,8 @@ def optimize(
     else:
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
-                                   shapes=shapes, seed=seed, on_step=on_step)
+                                   shapes=shapes, seed=seed, on_step=on_step,
+                                   deadline=None if time_limit is None else t_start + time_limit)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return Result(out, report, analysis, verifier)
 
@@ -335,7 +342,8 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
-                 on_step: Callable[[str], None] | None) -> tuple[onnx.ModelProto, dict, Callable]:
+                 on_step: Callable[[str], None] | None,
+                 deadline: float | None = None) -> tuple[onnx.ModelProto, dict, Callable]:
     fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
@@ -347,10 +355,14 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, on_step, checks)
+                    max_remove, shapes, on_step, checks, deadline)
     results: list[SearchResult] = []
+    skipped: list[str] = []  # strategies the time limit left unrun
     if tolerance > 0 and analysis.activations and max_remove != 0:
         for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
+            if deadline is not None and time.perf_counter() >= deadline:
+                skipped.append(s)
+                continue
             results.append(search.run(s))
 
     # latency: original, exact, every search result, interleaved; keep the fastest, never slower than the input
@@ -404,6 +416,14 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
                                      "trials": [t.as_report() for t in r.trials]} for r in results}
     report["trials"] = sum(len(r.trials) for r in results)
+    if deadline is not None:
+        untried = {r.strategy: r.untried for r in results if r.untried}
+        report["time_limit"] = {"cut_short": bool(untried or skipped), "untried": untried, "skipped": skipped}
+        if untried or skipped:
+            report["warnings"].append(
+                f"the time limit cut the search short ({sum(untried.values())} candidates untried"
+                + (f", strategy {', '.join(skipped)} not run" if skipped else "")
+                + "): the model written is the best one verified until then")
     report["passes"] = _passes(exact_fusion.results)
     report["exactness"] = {"reference": "original (exact fusions only)", "max_relative_error": err,
                            "rtol": rtol, "samples": holdout.samples}

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, metavar="K",
                    help="the paper's mode: linearize exactly the K lowest-entropy activations, then fuse (no "
                    "budget, no re-fit); --remove 0 runs only the exact fusions")
+    p.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
+                   help="no search trial starts after SECONDS from the start (default 600): the best model verified "
+                        "until then is written and the report says the search was cut short; 0: no limit")
     p.add_argument("--keep-failed", action="store_true",
                    help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | Non
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
                               linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
+                              time_limit=args.time_limit or None,
                               on_step=(lambda msg: console.print(msg, markup=False, highlight=False))
                               if progress else None)
         rep = result.report

@@ -407,6 +407,7 @@ class SearchResult:
     trials: list[Trial]
     fidelity: Fidelity | None
     seconds: float
+    untried: int = 0  # candidates left when the time limit cut the search short (0: it ran to the end)
 
 
 @dataclass
@@ -426,6 +427,7 @@ class Search:
     input_shapes: dict[str, tuple[int, ...]] | None = None
     progress: Callable[[str], None] | None = None
     checks: CheckData | None = None  # fail-safe fusion of every trial (select.fuse_model)
+    deadline: float | None = None  # time.perf_counter() after which no trial starts (api's time limit)
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original)
@@ -468,7 +470,13 @@ class Search:
         trials: list[Trial] = []
         remaining = list(self.activations)
         best: Fidelity | None = None
-        for cand in self.ordered(strategy):
+        candidates = self.ordered(strategy)
+        untried = 0
+        for index, cand in enumerate(candidates):
+            if self.deadline is not None and time.perf_counter() >= self.deadline:
+                untried = len(candidates) - index
+                log.warning("time limit reached: the %s search stops with %d candidates untried", strategy, untried)
+                break
             if self.max_remove is not None and len(done) + len(cand.acts) > self.max_remove:
                 continue
             if any(n in done for n in cand.names):
@@ -496,7 +504,7 @@ class Search:
             done.extend(cand.names)
             path = (*path, tuple(cand.names))
             remaining = [a for a in remaining if a.name not in done]
-        return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start)
+        return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried)
 
     def _trial(self, current: onnx.ModelProto, path: tuple, remaining: list[Activation],
                cand: Candidate) -> tuple[Trial, onnx.ModelProto | None, Fidelity | None]:
