@@ -14,16 +14,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from onnx_easier import __version__
 from onnx_easier.activations import Activation, ensure_node_names, find_activations
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
-from onnx_easier.data import CalibrationData, fixed_batch, input_specs, load_data
+from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_data, load_feeds
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
 from onnx_easier.latency import LatencyStats, measure_latency
@@ -45,6 +46,8 @@ from onnx_easier.select import (
 from onnx_easier.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
+
+DataSource = str | os.PathLike | Iterable[Mapping[str, np.ndarray]] | object | None  # object: a CalibrationDataReader
 
 LINEARIZE_MODES = ("identity", "affine")
 EXACT_RTOL = 1e-4  # fusions are exact: max |a - b| / max(1, max |a|) over every output
@@ -136,7 +139,7 @@ def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
 
 def analyze(
     model: str | os.PathLike | onnx.ModelProto,
-    data: str | os.PathLike | None = None,
+    data: DataSource = None,
     *,
     samples: int | None = None,
     seed: int = 0,
@@ -146,7 +149,9 @@ def analyze(
 ) -> Analysis:
     """Calibrate ``model`` through ONNX Runtime on ``data`` and compute the EASIER entropy of every activation.
 
-    ``data``: .npz keyed by input names, .npy (single input), a folder of those, or None for random samples.
+    ``data``: .npz keyed by input names, .npy (single input), a folder of those, None for random samples, or the
+    feeds themselves: an iterable of ``{input name: array}`` dicts (one whole feed each, as ``session.run`` takes
+    it) or an ONNX Runtime ``CalibrationDataReader`` (data.load_feeds).
     ``moments=True`` also streams the sums the affine linearization needs.
     """
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
@@ -157,8 +162,11 @@ def analyze(
     acts = find_activations(to_graph(infer_shapes(named)))
     if not acts:
         make_session(named)  # calibration would not run ORT: check here that ORT can run the model at all
-    calib = load_data(None if data is None else str(data), input_specs(named), samples=samples, seed=seed,
-                      input_shapes=input_shapes)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        calib = load_data(None if data is None else str(data), input_specs(named), samples=samples, seed=seed,
+                          input_shapes=input_shapes)
+    else:
+        calib = load_feeds(data, input_specs(named), samples=samples)
     t0 = time.perf_counter()
     stats = calibrate(named, acts, calib, moments=moments, progress=progress)
     seconds = time.perf_counter() - t0
@@ -169,7 +177,7 @@ def analyze(
 
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
-    data: str | os.PathLike | None = None,
+    data: DataSource = None,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     metric: str | None = None,
@@ -283,7 +291,7 @@ def check_data(model: onnx.ModelProto, data: CalibrationData) -> CheckData:
     """The batch (at most GUARD_SAMPLES samples) every fail-safe check of this run uses, and the exactness bound
     measured on it (safety.exactness_bound)."""
     sub = data.subset(0, min(GUARD_SAMPLES, data.samples))
-    feeds = list(sub.batches(run_batch(model, sub, GUARD_SAMPLES), drop_last=bool(fixed_batch(input_specs(model)))))
+    feeds = list(sub.batches(run_batch(model, sub, GUARD_SAMPLES), drop_last=bool(batch_multiple(input_specs(model), data))))
     feeds = feeds[:1] or list(data.batches(run_batch(model, data, GUARD_SAMPLES)))[:1]
     rtol, sensitivity = exactness_bound(model, feeds)
     log.info("exactness bound %.2e (output change under a 2^-20 input perturbation: %.2e)", rtol, sensitivity)
@@ -344,7 +352,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  on_step: Callable[[str], None] | None,
                  deadline: float | None = None) -> tuple[onnx.ModelProto, dict, Callable]:
-    fit, check, holdout = split_data(analysis.data, fixed_batch(input_specs(analysis.model)) or 1, seed)
+    fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch)
     checks = check_data(analysis.model, holdout)
@@ -444,5 +452,5 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
     names = [o.name for o in sa.get_outputs()]
     sub = data.subset(0, min(VERIFY_SAMPLES, data.samples))
     return max((output_error(sa.run(names, feed), sb.run(names, feed))
-                for feed in sub.batches(run_batch(a, sub, 16), drop_last=bool(fixed_batch(input_specs(a))))),
+                for feed in sub.batches(run_batch(a, sub, 16), drop_last=bool(batch_multiple(input_specs(a), data)))),
                default=0.0)

@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnx_easier.activations import Activation
-from onnx_easier.data import CalibrationData, choose_batch_size, fixed_batch, input_specs
+from onnx_easier.data import CalibrationData, batch_multiple, choose_batch_size, input_specs
 from onnx_easier.entropy import channel_on_fraction, layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
 from onnx_easier.model_io import make_session
@@ -278,17 +278,17 @@ def calibrate(
     _check_feeds([s.name for s in specs], data)
     fetch = list(dict.fromkeys([a.input for a in activations] + ([a.output for a in activations] if moments else [])))
     types = tensor_types(model)
-    fixed = fixed_batch(specs)
+    fixed = batch_multiple(specs, data)
     if batch_size is None:
         batch_size = choose_batch_size(specs, data)
-        if fixed is None and not data.scalars:
+        if fixed is None and not data.feedwise:
             batch_size = min(batch_size, _exposed_cap(fetch, types))
     elif batch_size < 1:
         raise BadArgumentError(f"batch size {batch_size}: give a positive batch size")
     elif fixed is not None and batch_size != fixed:
         raise BadArgumentError(f"batch size {batch_size}: the model fixes its batch axis to {fixed}; use {fixed}")
-    elif data.scalars and batch_size != 1:
-        raise BadArgumentError(f"batch size {batch_size}: the model has scalar inputs, fed one sample at a time; use 1")
+    elif data.feedwise and batch_size != 1:
+        raise BadArgumentError(f"batch size {batch_size}: the data holds whole feeds, fed one sample at a time; use 1")
     used = data.samples
     if fixed is not None and data.samples < fixed:
         raise BadDataError(

@@ -18,6 +18,7 @@ import onnx
 from onnx import shape_inference
 
 from onnx_easier.data import fixed_batch, input_specs
+from onnx_easier.errors import OnnxEasierError
 from onnx_easier.shapes import fill_unknown
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -138,7 +139,10 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
             complete = False
         else:
             macs += m
-    macs //= fixed_batch(input_specs(model)) or 1
+    try:
+        macs //= fixed_batch(input_specs(model)) or 1
+    except OnnxEasierError:  # inputs fix axis 0 to different sizes (state inputs): the MACs of one run
+        pass
     ops = Counter(n.op_type for n in model.graph.node)
     return Cost(
         nodes=len(model.graph.node),

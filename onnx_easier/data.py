@@ -1,15 +1,23 @@
 """Calibration data: read it (``.npz``, ``.npy``, a folder of them, or random), check it against the model's inputs,
 and hand it out batch by batch as ORT feed dicts.
 
-Layout convention: axis 0 of every array is the *sample* axis and stands for the model's axis 0 (the batch
-axis); the other axes must match the model's input shape. ``x.npz`` holds one array per input name,
+Layout convention: axis 0 of every array is the *sample* axis. An array of the model input's rank stands for a
+batch: its axis 0 is the model's axis 0 (the batch axis) and the other axes must match the model's input shape. An
+array with ONE MORE axis than the model input holds *whole feeds*: each ``arr[i]`` is fed to the model as it is
+(for state inputs whose batch is not axis 0, e.g. a recurrent model's ``state [2, N, 128]``, or models that cannot
+be batched); such data is fed one sample at a time. A rank-0 (scalar) input is the simplest case of this: a 1-D
+array, one value per sample. ``x.npz`` holds one array per input name,
 ``x.npy`` one array for a single-input model, a folder holds chunks of samples (``.npz`` files keyed like above,
 or ``.npy`` files for a single-input model) concatenated in sorted file-name order (so zero-pad the numbers:
-``part_002.npz`` sorts before ``part_010.npz``). A rank-0 (scalar) input takes a 1-D array, one value per sample,
-and is fed one sample at a time.
+``part_002.npz`` sorts before ``part_010.npz``). The Python API also takes an iterable of feed dicts (one whole feed
+each) or an ONNX Runtime quantization ``CalibrationDataReader`` (``load_feeds``).
 
-When the model fixes axis 0 to ``N``, batches hold exactly ``N`` samples; otherwise the batch size is chosen
-so that one batch of inputs is about 16 MB.
+Dims: a negative ``dim_value`` (Paddle writes ``-1``) is dynamic, as ONNX Runtime reads it; a ``dim_param`` that
+names nothing (``?``, ``-1``: no letter or digit in it but the sign) is an unnamed dynamic dim, so two of them never
+have to agree; equal ``dim_param`` names must.
+
+When the model fixes axis 0 to ``N`` (and the data is not whole feeds), batches hold exactly ``N`` samples;
+otherwise the batch size is chosen so that one batch of inputs is about 16 MB.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import logging
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,9 +94,11 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    """A fixed size, a symbol, or None (dynamic and unnamed: negative sizes, placeholder names like ``?``)."""
     if d.HasField("dim_value"):
-        return int(d.dim_value)
-    return d.dim_param or None
+        return int(d.dim_value) if d.dim_value >= 0 else None
+    name = d.dim_param.strip()
+    return name if any(c.isalnum() for c in name.lstrip("-")) and not name.lstrip("-").isdigit() else None
 
 
 _SHAPE_FORM = "expected NAME:D0,D1,... with positive integers, e.g. --input-shape input:1,3,224,224"
@@ -118,14 +128,20 @@ class CalibrationData:
     """Calibration samples, checked against the model: ``arrays[name]`` has the samples on axis 0.
 
     source: the path read, or "random". synthetic: True for random data (its entropies describe no real input).
-    scalars: names of rank-0 inputs; their arrays are 1-D and they are fed one sample at a time.
+    whole: names of inputs whose arrays hold whole feeds (one more axis than the model input; scalars' 1-D arrays
+    too): ``arr[i]`` is fed as it is, so the data is fed one sample at a time (``feedwise``).
     """
 
     source: str
     samples: int
     arrays: dict[str, np.ndarray]
     synthetic: bool = False
-    scalars: frozenset[str] = field(default_factory=frozenset)
+    whole: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def feedwise(self) -> bool:
+        """Fed one sample (one whole feed) per ORT run: the model's batch axis plays no part."""
+        return bool(self.whole)
 
     def __post_init__(self) -> None:
         for name, arr in self.arrays.items():
@@ -141,25 +157,25 @@ class CalibrationData:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if self.scalars and batch_size != 1:
-            raise ValueError(f"scalar input(s) {sorted(self.scalars)} can only be fed one sample at a time")
+        if self.whole and batch_size != 1:
+            raise ValueError(f"input(s) {sorted(self.whole)} hold whole feeds: fed one sample at a time")
         stop = self.samples if stop is None else min(stop, self.samples)
         for i in range(start, stop, batch_size):
             j = min(i + batch_size, stop)
             if drop_last and j - i < batch_size:
                 return
-            yield {k: (v[i, ...] if k in self.scalars else v[i:j]) for k, v in self.arrays.items()}
+            yield {k: (v[i, ...] if k in self.whole else v[i:j]) for k, v in self.arrays.items()}
 
     def take(self, indices: np.ndarray) -> CalibrationData:
         """The samples at ``indices`` (in that order) as their own CalibrationData (copies)."""
         arrays = {k: v[indices] for k, v in self.arrays.items()}
-        return CalibrationData(self.source, len(indices), arrays, self.synthetic, self.scalars)
+        return CalibrationData(self.source, len(indices), arrays, self.synthetic, self.whole)
 
     def subset(self, start: int, stop: int) -> CalibrationData:
         """Samples ``[start, stop)`` as their own CalibrationData (views of the same arrays)."""
         arrays = {k: v[start:stop] for k, v in self.arrays.items()}
         n = len(range(*slice(start, stop).indices(self.samples)))
-        return CalibrationData(self.source, n, arrays, self.synthetic, self.scalars)
+        return CalibrationData(self.source, n, arrays, self.synthetic, self.whole)
 
 
 def fixed_batch(specs: list[InputSpec]) -> int | None:
@@ -174,19 +190,21 @@ def fixed_batch(specs: list[InputSpec]) -> int | None:
     return next(iter(fixed.values()), None)
 
 
+def batch_multiple(specs: list[InputSpec], data: CalibrationData) -> int | None:
+    """The number of samples every ORT run must hold: None for whole-feed data (one feed per run, whatever the
+    model's axis 0 says), else the model's fixed batch size (``fixed_batch``)."""
+    return None if data.feedwise else fixed_batch(specs)
+
+
 def choose_batch_size(
     specs: list[InputSpec], data: CalibrationData, *, max_bytes: int = BATCH_BYTES, max_batch: int = MAX_BATCH
 ) -> int:
     """Samples per ORT run: the model's fixed batch size if axis 0 is fixed (the remainder is then dropped by the
-    caller), 1 for models with scalar inputs, else as many samples as fit in ``max_bytes`` of inputs, clamped to
-    ``[1, max_batch]`` and to the number of samples."""
-    fixed = fixed_batch(specs)
-    if any(s.scalar for s in specs):
-        if fixed not in (None, 1):
-            raise BadDataError(
-                f"the model has scalar inputs and a batch axis fixed to {fixed}; calibration cannot batch it"
-            )
+    caller), 1 for whole-feed data (scalar inputs among them), else as many samples as fit in ``max_bytes`` of
+    inputs, clamped to ``[1, max_batch]`` and to the number of samples."""
+    if data.feedwise:
         return 1
+    fixed = fixed_batch(specs)
     if fixed is not None:
         return fixed
     per_sample = sum(arr[:1].nbytes for arr in data.arrays.values())
@@ -224,10 +242,50 @@ def load_data(
     else:
         source = str(path)
         arrays = _read(Path(path), specs, samples)
-    arrays = _check(arrays, specs, shapes, source, samples)
+    arrays, whole = _check(arrays, specs, shapes, source, samples)
     n = next(iter(arrays.values())).shape[0]
-    scalars = frozenset(s.name for s in specs if s.scalar)
-    return CalibrationData(source, n, arrays, synthetic=path is None, scalars=scalars)
+    return CalibrationData(source, n, arrays, synthetic=path is None, whole=whole)
+
+
+def load_feeds(feeds: Iterable[Mapping[str, np.ndarray]] | object, specs: list[InputSpec], *,
+               samples: int | None = None) -> CalibrationData:
+    """Calibration data from feed dicts: an iterable of ``{input name: array}`` (one whole feed each, as ORT's
+    ``run`` takes it) or an object with ``get_next()`` returning such dicts and then None (ONNX Runtime
+    quantization's ``CalibrationDataReader``), so existing calibration code plugs in. The feeds are read once and
+    kept (the tool makes several passes over the data); at most ``samples`` of them. Every feed of an input must
+    have the same shape (they are stacked into one whole-feed array)."""
+    if samples is not None and samples < 1:
+        raise BadArgumentError(f"--samples {samples}: give a positive number of samples")
+    if hasattr(feeds, "get_next"):
+        reader = feeds
+        feeds = iter(lambda: reader.get_next(), None)  # type: ignore[attr-defined]
+    elif isinstance(feeds, Mapping) or not isinstance(feeds, Iterable):
+        raise BadDataError("calibration feeds must be an iterable of {input name: array} dicts or a "
+                           "CalibrationDataReader (get_next())")
+    got: list[Mapping[str, np.ndarray]] = []
+    for feed in feeds:
+        if not isinstance(feed, Mapping):
+            raise BadDataError(f"feed {len(got)} is a {type(feed).__name__}, not a dict of input name -> array")
+        got.append(feed)
+        if samples is not None and len(got) >= samples:
+            break
+    if not got:
+        raise BadDataError("the calibration feeds are empty; give at least one feed")
+    arrays: dict[str, np.ndarray] = {}
+    for name in dict.fromkeys(k for f in got for k in f):
+        try:
+            parts = [np.asarray(f[name]) for f in got]
+        except KeyError:
+            missing = next(i for i, f in enumerate(got) if name not in f)
+            raise BadDataError(f"feed {missing} has no input {name!r}; every feed must hold every input") from None
+        shapes = {p.shape for p in parts}
+        if len(shapes) > 1:
+            raise BadDataError(f"the feeds of input {name!r} have different shapes {sorted(shapes)[:3]}; "
+                               "give feeds of one shape per input")
+        arrays[name] = np.stack(parts)
+    source = f"<{len(got)} feeds>"
+    arrays, whole = _check(arrays, specs, _resolve_shapes(specs, {}), source, None, feeds_only=True)
+    return CalibrationData(source, len(got), arrays, whole=whole)
 
 
 # --- shapes -------------------------------------------------------------------------------------------------------
@@ -409,7 +467,11 @@ def _check(
     shapes: dict[str, tuple[Dim, ...] | None],
     source: str,
     limit: int | None,
-) -> dict[str, np.ndarray]:
+    *,
+    feeds_only: bool = False,
+) -> tuple[dict[str, np.ndarray], frozenset[str]]:
+    """The arrays checked against the inputs (same-kind casts applied) and the names of those holding whole feeds
+    (module doc; all of them with ``feeds_only``)."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -424,24 +486,29 @@ def _check(
             f"{', '.join(names)}"
         )
     out: dict[str, np.ndarray] = {}
+    whole: set[str] = set()
     symbols: dict[str, tuple[int, str]] = {}
     for s in specs:
         arr = arrays[s.name]
         if arr.dtype.kind not in "biuf":
             raise BadDataError(f"{source}: input {s.name!r} is an array of {arr.dtype}; give numbers")
         shape = shapes[s.name]
-        _check_shape(arr, s, shape, source)
+        feeds = _check_shape(arr, s, shape, source, feeds_only)
+        if feeds:
+            whole.add(s.name)
         if limit is not None and limit < arr.shape[0]:
             # a copy lets the rest of an in-memory array go; a memory-mapped one reads only what is used
             arr = arr[:limit] if isinstance(arr, np.memmap) else arr[:limit].copy()
         if shape is not None:
-            for axis, (want, got) in enumerate(zip(shape, arr.shape)):
-                if axis == 0:
+            per_sample = arr.shape[1:] if feeds else arr.shape  # whole feeds: every axis is the model's
+            for axis, (want, got) in enumerate(zip(shape, per_sample)):
+                if axis == 0 and not feeds:
                     continue
                 if isinstance(want, int) and want != got:
+                    layout = "axis 0 = samples, then one whole feed" if feeds else "axis 0 = samples"
                     raise BadDataError(
                         f"{source}: input {s.name!r} has shape {tuple(arr.shape)} but the model expects "
-                        f"{_show(shape)} (axis 0 = samples): axis {axis} is {got}, expected {want}"
+                        f"{_show(shape)} ({layout}): model axis {axis} is {got}, expected {want}"
                     )
                 if isinstance(want, str):
                     size, other = symbols.setdefault(want, (got, s.name))
@@ -459,28 +526,38 @@ def _check(
             "on axis 0"
         )
     n = next(iter(counts.values()))
-    fixed = fixed_batch(specs)
+    fixed = None if whole else fixed_batch(specs)
     if fixed is not None and n < fixed:
         raise BadDataError(
             f"{source}: {n} sample(s), but the model fixes its batch axis to {fixed}; give at least {fixed} samples"
         )
-    return out
+    return out, frozenset(whole)
 
 
-def _check_shape(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...] | None, source: str) -> None:
-    want_rank = None if shape is None else max(len(shape), 1)
-    if want_rank is not None and arr.ndim != want_rank:
-        hint = " (a scalar input takes one value per sample: a 1-D array)" if s.scalar else ""
-        if arr.ndim == want_rank - 1:
-            hint = "; add the sample axis in front (x[None] for one sample)"
-        raise BadDataError(
-            f"{source}: input {s.name!r} has rank {arr.ndim} {tuple(arr.shape)} but the model's input is "
-            f"{_show(shape)}, so the data needs rank {want_rank} with the samples on axis 0{hint}"
-        )
+def _check_shape(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...] | None, source: str,
+                 feeds_only: bool = False) -> bool:
+    """Check the rank of ``arr`` for input ``s``; True when it holds whole feeds (one axis more than the model's
+    input; a scalar's 1-D array), False for batches (the model's rank, samples on the model's axis 0)."""
     if arr.ndim == 0:
         raise BadDataError(f"{source}: input {s.name!r} is a 0-d array; put the samples on axis 0")
     if arr.shape[0] == 0:
         raise BadDataError(f"{source}: input {s.name!r} has 0 samples; give at least one")
+    if shape is None:
+        return feeds_only
+    rank = len(shape)
+    if arr.ndim == rank + 1:
+        return True
+    if arr.ndim == rank and rank > 0 and not feeds_only:
+        return False
+    hint = " (a scalar input takes one value per sample: a 1-D array)" if s.scalar else ""
+    if arr.ndim < rank:
+        hint = "; add the sample axis in front (x[None] for one sample)"
+    layouts = (f"rank {rank + 1} (axis 0 = samples, each one whole feed)" if feeds_only or rank == 0 else
+               f"rank {rank} (samples on the model's axis 0) or {rank + 1} (axis 0 = samples, each one whole feed)")
+    raise BadDataError(
+        f"{source}: input {s.name!r} has rank {arr.ndim} {tuple(arr.shape)} but the model's input is "
+        f"{_show(shape)}, so the data needs {layouts}{hint}"
+    )
 
 
 def _convert(arr: np.ndarray, s: InputSpec, source: str) -> np.ndarray:

@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from onnx_easier.activations import Activation
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
-from onnx_easier.data import CalibrationData, fixed_batch, input_specs
+from onnx_easier.data import CalibrationData, batch_multiple, input_specs
 from onnx_easier.errors import OnnxEasierError
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
@@ -285,13 +285,13 @@ def as_array(value: object) -> np.ndarray:
 
 
 def run_batch(model: onnx.ModelProto, data: CalibrationData, preferred: int) -> int:
-    """Samples per ORT run: the model's fixed batch size (any input's axis 0), 1 with scalar inputs, else
-    ``preferred`` (at most the sample count)."""
-    fixed = fixed_batch(input_specs(model))
+    """Samples per ORT run: 1 for whole-feed data (scalar inputs among them), the model's fixed batch size (any
+    input's axis 0), else ``preferred`` (at most the sample count)."""
+    if data.feedwise:
+        return 1
+    fixed = batch_multiple(input_specs(model), data)
     if fixed:
         return fixed
-    if data.scalars:
-        return 1
     return max(1, min(preferred, data.samples))
 
 

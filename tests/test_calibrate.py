@@ -431,10 +431,10 @@ def test_scalar_input_fed_one_sample_at_a_time() -> None:
     x = np.array([[1, -1, 2], [1, 1, -3]], np.float32)
     t = np.array([1.0, -1.0], np.float32)
     act = Activation("r", "Relu", "op", "m", "y", ("r",), -1, 3)
-    data = CalibrationData("mem", 2, {"x": x, "t": t}, scalars=frozenset({"t"}))
+    data = CalibrationData("mem", 2, {"x": x, "t": t}, whole=frozenset({"t"}))
     s = calibrate(model, [act], data)["r"]
     assert s.count_on.tolist() == [1, 0, 2] and s.count == 2  # x * t = [1, -1, 2], [-1, -1, 3]
-    with pytest.raises(BadArgumentError, match="scalar inputs, fed one sample at a time; use 1"):
+    with pytest.raises(BadArgumentError, match="whole feeds, fed one sample at a time; use 1"):
         calibrate(model, [act], data, batch_size=2)
 
 

@@ -217,8 +217,8 @@ def test_extra_input(tmp_path: Path) -> None:
 def test_wrong_rank_suggests_sample_axis(tmp_path: Path) -> None:
     with pytest.raises(BadDataError, match=r"input 'x' has rank 3 .* needs rank 4 .*add the sample axis"):
         load_data(_npz(tmp_path, x=_img(1)[0]), _specs(IMG))
-    with pytest.raises(BadDataError, match=r"input 'x' has rank 5"):
-        load_data(_npz(tmp_path, x=_img(2)[None]), _specs(IMG))
+    with pytest.raises(BadDataError, match=r"input 'x' has rank 6 .* rank 4 .* or 5 \(axis 0 = samples, each one whole"):
+        load_data(_npz(tmp_path, x=_img(2)[None, None]), _specs(IMG))
 
 
 def test_fixed_dim_mismatch(tmp_path: Path) -> None:
@@ -360,7 +360,7 @@ def test_random_unsupported_dtype() -> None:
 def test_scalar_input() -> None:
     specs = _specs([("x", F32, ["N", 2]), ("t", F32, [])])
     data = load_data(None, specs, samples=3)
-    assert data.arrays["t"].shape == (3,) and data.scalars == {"t"}
+    assert data.arrays["t"].shape == (3,) and data.whole == {"t"}
     assert choose_batch_size(specs, data) == 1
     feeds = list(data.batches(1))
     assert (
@@ -406,3 +406,130 @@ def test_choose_batch_size_dynamic() -> None:
     assert choose_batch_size(_specs([("x", F32, ["N", 1000])]), CalibrationData("m", 300, {"x": mid})) == min(
         256, BATCH_BYTES // 4000
     )
+
+
+# --- Paddle's -1 dims, unnamed dims, whole feeds, feed dicts and readers (issue 12) -----------------------------
+
+
+def _paddle_model() -> onnx.ModelProto:
+    """A Paddle-style input ``x: [-1, 3, ?, ?]`` (dim_value -1, then two dims whose dim_param is ``?``) into a
+    Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm classifier."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", F32, [-1, 3, "?", "?"])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "bf")]
+    g = helper.make_graph(nodes, "paddle", [x], [helper.make_tensor_value_info("y", F32, [-1, 5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+
+
+def test_negative_and_placeholder_dims_are_dynamic_and_unnamed() -> None:
+    (spec,) = input_specs(_paddle_model())
+    assert spec.shape == (None, 3, None, None)
+
+
+def test_paddle_input_shape_and_data(tmp_path: Path) -> None:
+    """``--input-shape x:1,3,48,192`` is taken (the -1 is dynamic); data [N,3,48,192] is taken (the two ``?``
+    dims need not agree); the model runs through the whole tool in both modes."""
+    from onnx_easier.api import optimize
+
+    specs = input_specs(_paddle_model())
+    data = load_data(None, specs, samples=4, input_shapes={"x": (1, 3, 48, 192)})
+    assert data.arrays["x"].shape == (4, 3, 48, 192)
+    path = _npz(tmp_path, x=np.random.default_rng(1).standard_normal((24, 3, 48, 192)).astype(np.float32))
+    assert load_data(path, specs).samples == 24
+    model = tmp_path / "paddle.onnx"
+    onnx.save(_paddle_model(), model)
+    for tolerance in (0.0, 0.01):
+        result = optimize(model, path, tolerance=tolerance)
+        assert result.write(tmp_path / f"out{tolerance}.onnx")["ok"]
+
+
+def _recurrent_model() -> onnx.ModelProto:
+    """A voice-activity-style model: ``input [?, ?]`` (batch, samples), ``state [2, ?, 4]`` (its batch on axis 1)
+    and a scalar int64 ``sr``. ``h = Relu(input @ W)``, ``out = h @ V * sr``, ``state_out = state + h``."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["m"]), helper.make_node("Relu", ["m"], ["h"]),
+             helper.make_node("MatMul", ["h", "V"], ["o"]), helper.make_node("Cast", ["sr"], ["srf"], to=F32),
+             helper.make_node("Mul", ["o", "srf"], ["out"]), helper.make_node("Add", ["state", "h"], ["state_out"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "V")]
+    g = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("input", F32, ["?", "?"]),
+                                         helper.make_tensor_value_info("state", F32, [2, "?", 4]),
+                                         helper.make_tensor_value_info("sr", I64, [])],
+                          [helper.make_tensor_value_info("out", F32, ["?", 2]),
+                           helper.make_tensor_value_info("state_out", F32, [2, "?", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _recurrent_feeds(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {"input": rng.standard_normal((n, 1, 8)).astype(np.float32),
+            "state": rng.standard_normal((n, 2, 1, 4)).astype(np.float32),
+            "sr": np.full(n, 16000, np.int64)}
+
+
+def test_whole_feeds_for_a_state_input(tmp_path: Path) -> None:
+    """One more axis than the model input: each arr[i] is one feed, fed as it is (state's batch is axis 1, the
+    model's axis 0 is fixed to 2 there: no samples-on-axis-0 layout can feed it)."""
+    from onnx_easier.cli import main
+
+    specs = input_specs(_recurrent_model())
+    data = load_data(_npz(tmp_path, **_recurrent_feeds(40)), specs)
+    assert data.whole == {"input", "state", "sr"} and data.feedwise
+    feed = next(data.batches(1))
+    assert feed["state"].shape == (2, 1, 4) and feed["input"].shape == (1, 8) and feed["sr"].shape == ()
+    with pytest.raises(ValueError, match="whole feeds"):
+        next(data.batches(2))
+    model = tmp_path / "vad.onnx"
+    onnx.save(_recurrent_model(), model)
+    npz = _npz(tmp_path, **_recurrent_feeds(40))
+    for extra in (["--tolerance", "0"], []):
+        out = tmp_path / f"out{len(extra)}.onnx"
+        assert main([str(model), str(out), "--data", npz, "-q", *extra]) == 0
+        assert [i.name for i in onnx.load(out).graph.input] == ["input", "state", "sr"]
+
+
+def test_whole_feed_shape_is_checked_on_every_model_axis(tmp_path: Path) -> None:
+    feeds = _recurrent_feeds(4)
+    feeds["state"] = np.zeros((4, 3, 1, 4), np.float32)  # the model fixes axis 0 of state to 2
+    with pytest.raises(BadDataError, match=r"input 'state' .*one whole feed\): model axis 0 is 3, expected 2"):
+        load_data(_npz(tmp_path, **feeds), input_specs(_recurrent_model()))
+
+
+def test_feed_dicts_and_calibration_data_reader(tmp_path: Path) -> None:
+    """The Python API takes an iterable of feed dicts and ORT quantization's CalibrationDataReader."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from onnx_easier.api import optimize
+    from onnx_easier.data import load_feeds
+
+    arrays = _recurrent_feeds(24)
+    feeds = [{k: v[i] for k, v in arrays.items()} for i in range(24)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    specs = input_specs(_recurrent_model())
+    data = load_feeds(Reader(), specs, samples=10)
+    assert data.samples == 10 and data.arrays["state"].shape == (10, 2, 1, 4)
+    model = tmp_path / "vad.onnx"
+    onnx.save(_recurrent_model(), model)
+    result = optimize(model, Reader(), tolerance=0)
+    assert result.report["data"]["samples"] == 24
+    assert result.write(tmp_path / "o.onnx")["ok"]
+    assert optimize(model, iter(feeds), tolerance=0).report["data"]["samples"] == 24
+    with pytest.raises(BadDataError, match="feed 3 has no input 'sr'"):
+        load_feeds([*feeds[:3], {"input": feeds[0]["input"], "state": feeds[0]["state"]}], specs)
+    with pytest.raises(BadDataError, match="different shapes"):
+        load_feeds([feeds[0], {**feeds[1], "input": np.zeros((2, 8), np.float32)}], specs)
+    with pytest.raises(BadDataError, match="iterable of"):
+        load_feeds(feeds[0], specs)
