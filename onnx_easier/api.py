@@ -28,7 +28,16 @@ from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
 from onnx_easier.latency import LatencyStats, measure_latency
-from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
+from onnx_easier.model_io import (
+    check_model,
+    external_dir,
+    load_model,
+    make_session,
+    read_model,
+    save_model,
+    to_graph,
+    to_model,
+)
 from onnx_easier.passes.base import PassResult
 from onnx_easier.safety import CheckData, base_rtol, exactness_bound
 from onnx_easier.select import (
@@ -116,7 +125,7 @@ class Result:
         figures: dict = {}
 
         def check(tmp: str) -> None:
-            figures.update(self.verifier(onnx.load(tmp)) if self.verifier else {"ok": True})
+            figures.update(self.verifier(read_model(tmp)) if self.verifier else {"ok": True})
             if not figures["ok"] and not keep_failed:
                 raise VerificationError(_verification_message(figures) + "; nothing was written "
                                         "(--keep-failed writes it anyway)")
@@ -252,7 +261,7 @@ def _finish(analysis: Analysis, model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             raise OnnxEasierError(f"internal error: the optimized model fails strict shape inference ({exc}); "
                                   "nothing was written. Please report this model.") from exc
-    onnx.checker.check_model(inferred, full_check=True)
+    check_model(inferred, full_check=True)
     return model
 
 
@@ -366,7 +375,13 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                     max_remove, shapes, on_step, checks, deadline)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
-    if tolerance > 0 and analysis.activations and max_remove != 0:
+    big = external_dir(analysis.model) is not None
+    big_note = None
+    if big:
+        big_note = ("the model's weights are over 2 GB: only the exact fusions are made and latency is not measured "
+                    "(each search trial and each timed session would hold another copy of the weights)")
+        log.warning("%s", big_note)
+    if tolerance > 0 and analysis.activations and max_remove != 0 and not big:
         for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
             if deadline is not None and time.perf_counter() >= deadline:
                 skipped.append(s)
@@ -383,12 +398,15 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                 models[f"search:{r.strategy}"] = _finish(analysis, r.model)
             except (OnnxEasierError, onnx.checker.ValidationError) as exc:  # never pay for a broken rewrite
                 log.warning("the %s search's model is dropped: %s", r.strategy, exc)
-    if on_step:
-        on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
-    lat = measure_latency(models, feeds, provider=provider)
-    chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
-                     lambda k: measure(models[k], 0, shapes).macs,
-                     {f"search:{r.strategy}": r.fidelity.value for r in results if r.fidelity is not None})
+    if big:
+        lat, chosen = {}, "exact"  # the exact fusions never add MACs (cost-aware)
+    else:
+        if on_step:
+            on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
+        lat = measure_latency(models, feeds, provider=provider)
+        chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
+                         lambda k: measure(models[k], 0, shapes).macs,
+                         {f"search:{r.strategy}": r.fidelity.value for r in results if r.fidelity is not None})
     note = None
     if chosen in ("exact", "original") and any(r.linearized for r in results):
         note = "no linearization made the model faster: only the exact fusions were kept"
@@ -416,10 +434,11 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
     warning = fidelity.training_data_warning()
-    report["warnings"] = [w for w in (warning, note, fallback) if w]
-    report["latency_ms"] = {"before": lat["original"].median_ms, "after": lat[chosen].median_ms,
+    report["warnings"] = [w for w in (warning, note, fallback, big_note) if w]
+    report["latency_ms"] = {"before": lat["original"].median_ms if lat else None,
+                            "after": lat[chosen].median_ms if lat else None,
                             "provider": provider, "batch": int(next(iter(feeds.values())).shape[0]),
-                            "ratio": lat[chosen].median_ms / lat["original"].median_ms,
+                            "ratio": lat[chosen].median_ms / lat["original"].median_ms if lat else None,
                             "candidates": {k: v.as_report() for k, v in lat.items()}}
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
                                      "trials": [t.as_report() for t in r.trials]} for r in results}

@@ -4,14 +4,24 @@ Edge cases handled here, once:
 - weights held in ``Constant`` nodes of the main graph become initializers (subgraphs are left alone);
 - initializers that are also graph inputs are *overridable*: they are kept as plain inputs inside (so no pass
   ever folds them) and restored as initializers on export;
-- models over 2 GB are saved with external data; every save is atomic (temporary file, then rename).
+- every save is atomic (temporary file, then rename).
+
+**Models over 2 GB** (``EXTERNAL_LIMIT``: the most protobuf can serialise) never have their weights in memory as a
+whole. ``load_model`` reads the graph without its external data and records, in the model's metadata
+(``EXTERNAL_DIR_KEY``), the absolute folder the data locations are relative to; the proto then stays small and
+every proto operation (copies, shape inference, the passes) works as for any model. A weight is read only when a
+pass needs its values (``to_graph`` makes graphsurgeon read it from that folder). ONNX Runtime and the checker get
+the model by path: ``on_disk`` writes the small proto into that folder for the moment they read it, so ORT maps the
+weights from the user's data file itself (one copy, shared by every session). ``save_model`` writes the output with
+one data file beside it (``<name>.data``), copying the input's weights range by range.
 """
 from __future__ import annotations
 
 import heapq
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +29,15 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnx_easier.errors import InvalidModelError, UnsupportedModelError
 
 MIN_OPSET, MAX_OPSET = 11, 21
 _TWO_GB = 2**31 - 1
+EXTERNAL_LIMIT = _TWO_GB  # models whose tensors hold this many bytes or more keep their weights on disk
+EXTERNAL_DIR_KEY = "onnx_easier.external_data_dir"  # metadata of such a model: where its data locations start
+_COPY_CHUNK = 64 * 2**20
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -50,17 +64,29 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         if path.stat().st_size == 0:
             raise InvalidModelError(f"{path}: the file is empty; re-export the model")
         try:
-            model = onnx.load(str(path), load_external_data=True)
+            model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf gives many exception types for garbage
             raise InvalidModelError(
                 f"{path}: not a readable ONNX model ({type(exc).__name__}); is it truncated or another format?"
             ) from exc
         if not model.graph.node and not model.graph.output:
             raise InvalidModelError(f"{path}: not an ONNX model (no graph found); is it another format?")
+        big = tensor_bytes(model) >= EXTERNAL_LIMIT and has_external_data(model)
+        try:
+            if big:
+                _set_external_dir(model, str(path.resolve().parent))
+            else:
+                onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise InvalidModelError(f"{path}: its external data cannot be read ({_first(exc)})") from exc
     try:
-        onnx.checker.check_model(model if model.ByteSize() < _TWO_GB else str(source))
+        if has_external_data(model):
+            with on_disk(model) as where:
+                onnx.checker.check_model(where)
+        else:
+            onnx.checker.check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first(exc)
         if "topologically sorted" not in first or not sort_nodes(model):
             raise InvalidModelError(f"{label}: fails onnx.checker: {first}") from exc
         onnx.checker.check_model(model)  # sorted: valid now (ORT runs unsorted graphs; converters write them)
@@ -71,6 +97,88 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             "convert it with onnx.version_converter first"
         )
     return constants_to_initializers(model)
+
+
+def _first(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, inline or external (protobuf's ByteSize raises over 2 GB)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            if "length" in info:
+                total += int(info["length"])
+                continue
+            n = int(np.prod(t.dims, dtype=np.int64))
+            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        else:
+            total += len(t.raw_data) or t.ByteSize()
+    return total
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def external_dir(model: onnx.ModelProto) -> str | None:
+    """The folder a large model's external data locations are relative to (None: weights in memory)."""
+    return next((p.value for p in model.metadata_props if p.key == EXTERNAL_DIR_KEY), None)
+
+
+def _set_external_dir(model: onnx.ModelProto, folder: str | None) -> None:
+    keep = [p for p in model.metadata_props if p.key != EXTERNAL_DIR_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if folder is not None:
+        model.metadata_props.add(key=EXTERNAL_DIR_KEY, value=folder)
+
+
+@contextmanager
+def on_disk(model: onnx.ModelProto) -> Iterator[str]:
+    """A path from which ``model`` (weights external) reads completely: a temporary copy of the small proto in the
+    folder its data locations are relative to, removed on exit. For ONNX Runtime and the checker, which resolve
+    external data from a model's path only."""
+    folder = external_dir(model)
+    if folder is None:
+        raise UnsupportedModelError("internal error: a model with external data but no data folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnx-easier-", suffix=".onnx", dir=folder)
+    except OSError as exc:
+        raise UnsupportedModelError(f"models over 2 GB need their folder writable for a moment ({folder}: "
+                                    f"{exc.strerror})") from exc
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        _set_external_dir(copy, None)
+        with os.fdopen(fd, "wb") as f:
+            f.write(copy.SerializeToString())
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def check_model(model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """``onnx.checker.check_model``, by path for a model whose weights are on disk (the checker resolves external
+    data from a model's path only)."""
+    if has_external_data(model):
+        with on_disk(model) as where:
+            onnx.checker.check_model(where, full_check=full_check)
+    else:
+        onnx.checker.check_model(model, full_check=full_check)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """A model written by ``save_model``, read back the way ``load_model`` reads its input (large ones keep their
+    weights on disk), without the input checks."""
+    model = onnx.load(str(path), load_external_data=False)
+    if tensor_bytes(model) >= EXTERNAL_LIMIT and has_external_data(model):
+        _set_external_dir(model, str(Path(path).resolve().parent))
+    else:
+        onnx.load_external_data_for_model(model, str(Path(path).parent))
+    return model
 
 
 def sort_nodes(model: onnx.ModelProto) -> bool:
@@ -164,7 +272,26 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         del stripped.graph.initializer[:]
         stripped.graph.initializer.extend(keep)
         model = stripped
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    folder = external_dir(model)
+    if folder is not None:
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and (
+                    t._values.tensor.data_location == onnx.TensorProto.EXTERNAL):
+                t._values = _ExternalValues(t._values.tensor, folder)
+    return graph
+
+
+class _ExternalValues(LazyValues):
+    """graphsurgeon's lazy constant, read from the large model's data folder (not the working directory) when a
+    pass asks for its values; exported again as the same external reference when it never was."""
+
+    def __init__(self, tensor: onnx.TensorProto, folder: str) -> None:
+        super().__init__(tensor)
+        self.folder = folder
+
+    def load(self) -> np.ndarray:
+        return np.array(numpy_helper.to_array(self.tensor, base_dir=self.folder))
 
 
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -172,6 +299,12 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     producer, metadata and local functions of ``original``."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    for t in model.graph.initializer:  # a weight read from disk is exported inline, still flagged external
+        if t.data_location == onnx.TensorProto.EXTERNAL and not any(e.key == "location" for e in t.external_data):
+            t.data_location = onnx.TensorProto.DEFAULT
+        elif t.data_location == onnx.TensorProto.EXTERNAL and t.HasField("raw_data"):
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
     over = overridable_initializers(original)
     if over:
         names = {i.name for i in model.graph.input}
@@ -225,40 +358,85 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then os.replace.
 
     ``check(tmp_path)`` runs on the written temporary file before it is published (e.g. reload and verify); if
-    it raises, nothing is published. Models over 2 GB go with one external-data file ``<name>.data`` beside them
-    (also written first under a temporary name). On any failure (or KeyboardInterrupt) nothing is left at ``path``.
+    it raises, nothing is published. Large models (weights on disk, or over ``EXTERNAL_LIMIT`` in memory) go with
+    one external-data file ``<name>.data`` beside them, written first (the model refers to it by that name); a
+    failed check removes it again. On any failure (or KeyboardInterrupt) nothing is left at ``path``.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     _default_mode(fd)
     os.close(fd)
+    data_path = folder / f"{path.name}.data"
+    data_tmp = f"{tmp}.data"
+    published_data = False
     try:
-        if model.ByteSize() < _TWO_GB:
+        if external_dir(model) is None and tensor_bytes(model) < EXTERNAL_LIMIT:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
-            if check is not None:
-                check(tmp)
-            os.replace(tmp, path)
         else:
-            data_name = f"{path.name}.data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{Path(tmp).name}.data", size_threshold=1024)
-            os.replace(f"{tmp}.data", folder / data_name)
-            model_ext = onnx.load(tmp, load_external_data=False)
-            for t in model_ext.graph.initializer:
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
+            out = _with_data_file(model, data_tmp, data_path.name)
             with open(tmp, "wb") as f:
-                f.write(model_ext.SerializeToString())
-            if check is not None:
-                check(tmp)
-            os.replace(tmp, path)
+                f.write(out.SerializeToString())
+            os.replace(data_tmp, data_path)
+            published_data = True
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+        published_data = False
     finally:
-        for leftover in (tmp, f"{tmp}.data"):
+        for leftover in (tmp, data_tmp, *([data_path] if published_data else [])):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def _with_data_file(model: onnx.ModelProto, data_file: str, location: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of 1 KiB or more are written to ``data_file`` (aligned to 4 KiB, so
+    ORT can map them) and referenced as ``location``; weights still on disk are copied range by range."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    folder = external_dir(model)
+    _set_external_dir(out, None)
+    with open(data_file, "wb") as f:
+        for t in out.graph.initializer:
+            external = t.data_location == onnx.TensorProto.EXTERNAL
+            if not external and len(t.raw_data) < 1024 and t.ByteSize() < 1024:
+                continue
+            offset = -(-f.tell() // 4096) * 4096
+            f.seek(offset)
+            if external:
+                info = {e.key: e.value for e in t.external_data}
+                if folder is None:
+                    raise UnsupportedModelError(f"tensor {t.name!r} refers to external data no folder is known for")
+                length = _copy_range(os.path.join(folder, info["location"]), int(info.get("offset", 0)),
+                                     int(info["length"]) if "length" in info else None, f)
+            else:
+                raw = t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+                f.write(raw)
+                length = len(raw)
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=key, value=value)
+    return out
+
+
+def _copy_range(src: str, offset: int, length: int | None, dst) -> int:
+    """Copy ``length`` bytes (to the end if None) of ``src`` from ``offset`` into the open file ``dst``."""
+    copied = 0
+    with open(src, "rb") as f:
+        f.seek(offset)
+        while length is None or copied < length:
+            chunk = f.read(_COPY_CHUNK if length is None else min(_COPY_CHUNK, length - copied))
+            if not chunk:
+                break
+            dst.write(chunk)
+            copied += len(chunk)
+    if length is not None and copied != length:
+        raise UnsupportedModelError(f"{src}: external data ends before {offset + length} bytes")
+    return copied
 
 
 def make_session(
@@ -277,9 +455,17 @@ def make_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= _TWO_GB:
+    if isinstance(model, onnx.ModelProto) and has_external_data(model):
+        so.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight otherwise
+        with on_disk(model) as where:
+            return _session(where, so, providers)
+    if isinstance(model, onnx.ModelProto) and tensor_bytes(model) >= _TWO_GB:
         raise UnsupportedModelError("models over 2 GB must be passed to ORT as a path with external data")
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return _session(src, so, providers)
+
+
+def _session(src: bytes | str, so: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:

@@ -64,7 +64,7 @@ def print_report(report: dict, console: Console) -> None:
                       f"on {fid['samples']} held-out samples; {report.get('trials', 0)} trials, "
                       f"strategy {report['strategy']['chosen']}")
     lat = report.get("latency_ms")
-    if lat:
+    if lat and lat.get("before") is not None and lat.get("after") is not None:
         console.print(f"latency ({lat['provider']}, batch {lat['batch']}): {lat['before']:.3f} ms -> "
                       f"{lat['after']:.3f} ms ({lat['ratio']:.2f}x)")
     ver = report.get("verification")

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_easier.errors import OnnxEasierError
-from onnx_easier.model_io import make_session, to_model
+from onnx_easier.model_io import check_model, make_session, to_model
 from onnx_easier.shapes import augment, strict_failure
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - a graph that cannot even be exported is broken
             return Failure(f"export failed: {_first(exc)}")
         try:
-            onnx.checker.check_model(model, full_check=False)
+            check_model(model, full_check=False)
         except Exception as exc:  # noqa: BLE001 - checker errors have several types
             return _failure("onnx.checker", exc)
         if self.strict():

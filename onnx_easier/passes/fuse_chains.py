@@ -36,10 +36,11 @@ from fractions import Fraction
 
 import onnx_graphsurgeon as gs
 
-from onnx_easier.graph_utils import consumers, is_graph_output
+from onnx_easier.graph_utils import consumers, is_graph_output, producer
 from onnx_easier.linear_math import Composed, compose, conv_params, fused_layout
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.fuse_common import (
+    LINEAR_OPS,
     Element,
     Emission,
     FusionContext,
@@ -92,9 +93,15 @@ def run(graph: gs.Graph, ctx: FusionContext | None = None) -> PassResult:
 
 
 def find_chains(graph: gs.Graph, result: PassResult) -> list[list[Element]]:
-    """Maximal chains of linked elements of the main graph, in graph order."""
+    """Maximal chains of linked elements of the main graph, in graph order.
+
+    Only nodes that can link to a neighbour are recognised (``_may_link``): recognising reads a node's weights
+    (in float64), and a layer between two nonlinear nodes (most Convs of a CNN, every Linear of an MLP with ReLUs)
+    can fuse with nothing, so its weights are never read."""
     elements: dict[int, Element] = {}
     for node in graph.nodes:
+        if not _may_link(graph, node):
+            continue
         e = recognise(node)
         if isinstance(e, str):
             refuse(result, e)
@@ -116,6 +123,21 @@ def find_chains(graph: gs.Graph, result: PassResult) -> list[list[Element]]:
             chain.append(succ[id(chain[-1].nodes[0])])
         chains.append(chain)
     return chains
+
+
+def _linear_op(node: gs.Node | None) -> bool:
+    return node is not None and node.op in LINEAR_OPS and node.domain in ("", "ai.onnx", None)
+
+
+def _may_link(graph: gs.Graph, node: gs.Node) -> bool:
+    """Whether ``node`` could be linked into a chain of two or more elements, judged from ops alone: it is a
+    linear op, and a linear op reads its output or it reads (as any input: ``c * x`` has its data second) the
+    output of a linear op. (Where such a link is then refused, e.g. a tensor with two readers, the note says why.)"""
+    if not _linear_op(node) or not node.outputs:
+        return False
+    if any(_linear_op(r) for r in consumers(node.outputs[0])):
+        return True
+    return any(_linear_op(producer(t)) for t in node.inputs if t.name)
 
 
 def _link(graph: gs.Graph, e: Element, elements: dict[int, Element], result: PassResult) -> Element | None:

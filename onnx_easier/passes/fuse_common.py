@@ -534,6 +534,9 @@ def _weights(node: gs.Node, *indices: int) -> list[gs.Constant]:
     return [node.inputs[i] for i in indices if i < len(node.inputs) and is_constant(node.inputs[i])]
 
 
+LINEAR_OPS = frozenset(("Conv", "BatchNormalization", "Mul", "Add", "Sub", "Div", "Gemm", "MatMul", "Pad", "Flatten",
+                        "Reshape", "Squeeze"))  # the ops ``recognise`` may take for an element
+
 _RECOGNISERS = {
     "Conv": _conv,
     "BatchNormalization": _batchnorm,

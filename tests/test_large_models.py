@@ -1,0 +1,145 @@
+"""Models over 2 GB (model_io: weights stay on disk, ORT and the checker read them by path, the output gets its own
+data file). The fast tests lower ``EXTERNAL_LIMIT`` so the whole path runs on a small model; the slow one builds a
+real 2.4 GB model and measures the peak memory of the CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_easier import model_io
+from onnx_easier.cli import main
+
+
+def _external_mlp(folder: Path, width: int, layers: int, name: str = "mlp.onnx", scale: bool = True) -> Path:
+    """``layers`` x (MatMul by a [width, width] weight -> Relu), the first MatMul followed by a per-channel Mul
+    (which the exact fusions fold into its weight: a pass must read an external weight), saved with every weight in
+    one external data file written with a memmap (the weights are never all in memory)."""
+    path = folder / name
+    data = folder / f"{name}.data"
+    itemsize = 4
+    step = width * width * itemsize
+    mm = np.memmap(data, dtype=np.float32, mode="w+", shape=(layers, width, width))
+    rng = np.random.default_rng(0)
+    for k in range(layers):
+        mm[k] = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+    mm.flush()
+    del mm
+    inits, nodes = [], []
+    x = "x"
+    for k in range(layers):
+        t = onnx.TensorProto(name=f"W{k}", data_type=TensorProto.FLOAT, dims=[width, width])
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data.name), ("offset", str(k * step)), ("length", str(step))):
+            t.external_data.add(key=key, value=value)
+        inits.append(t)
+        nodes.append(helper.make_node("MatMul", [x, f"W{k}"], [f"m{k}"], name=f"mm{k}"))
+        pre = f"m{k}"
+        if k == 0 and scale:
+            inits.append(onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, width, dtype=np.float32), "s0"))
+            nodes.append(helper.make_node("Mul", [pre, "s0"], ["s0_out"], name="scale0"))
+            pre = "s0_out"
+        nodes.append(helper.make_node("Relu", [pre], [f"r{k}"], name=f"relu{k}"))
+        x = f"r{k}"
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", width])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("tolerance", ["0", "0.01"])
+def test_large_model_round_trip(tmp_path: Path, monkeypatch, tolerance: str) -> None:
+    """Weights on disk all the way: exit 0, OUT and OUT.data written (the data under OUT's name), no temporary file
+    left in either folder, the input and its data untouched, the output equal to the input's."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    src = _external_mlp(src_dir, 64, 3)
+    before = {p.name: _digest(p) for p in src_dir.iterdir()}
+    out, rep = out_dir / "o.onnx", out_dir / "r.json"
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    code = main([str(src), str(out), "--data", str(tmp_path / "d.npz"), "--tolerance", tolerance,
+                 "--report", str(rep), "-q"])
+    assert code == 0
+    assert {p.name: _digest(p) for p in src_dir.iterdir()} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["o.onnx", "o.onnx.data", "r.json"]
+    report = json.loads(rep.read_text())
+    assert report["verification"]["ok"]
+    assert report["after"]["nodes"] == report["before"]["nodes"] - 1  # the Mul folded into the first weight
+    written = onnx.load(out, load_external_data=False)
+    locations = {e.value for t in written.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"o.onnx.data"}
+    assert model_io.EXTERNAL_DIR_KEY not in {p.key for p in written.metadata_props}
+    onnx.checker.check_model(str(out), full_check=True)
+    np.testing.assert_allclose(_outputs(out, x[:8]), _outputs(src, x[:8]), rtol=1e-4, atol=1e-5)
+    if tolerance != "0":
+        assert any("over 2 GB" in w for w in report["warnings"])
+
+
+def test_failed_check_leaves_no_data_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    src = _external_mlp(tmp_path, 32, 2)
+    model = model_io.load_model(src)
+    assert model_io.external_dir(model) == str(tmp_path.resolve())
+
+    def refuse(tmp: str) -> None:
+        raise RuntimeError("verification failed")
+
+    out = tmp_path / "o.onnx"
+    with pytest.raises(RuntimeError):
+        model_io.save_model(model, out, refuse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+
+
+def test_tensor_bytes_counts_external_data(tmp_path: Path) -> None:
+    src = _external_mlp(tmp_path, 16, 2, scale=False)
+    model = onnx.load(src, load_external_data=False)
+    assert model_io.tensor_bytes(model) == 2 * 16 * 16 * 4
+
+
+@pytest.mark.slow
+def test_real_2_4_gb_model(tmp_path: Path) -> None:
+    """9 MatMul 8192x8192 layers (2.4 GB of float32 weights) through ``--tolerance 0`` in a child process: exit 0,
+    the output with its data file, equal to the input, and the child's peak RSS under 2x the weights."""
+    width, layers = 8192, 9
+    weights = width * width * 4 * layers
+    src = _external_mlp(tmp_path, width, layers, scale=False)
+    x = np.random.default_rng(1).standard_normal((8, width)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "o.onnx"
+    code = ("import resource, sys; from onnx_easier.cli import main; rc = main(sys.argv[1:]); "
+            "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(out), "--data", str(tmp_path / "d.npz"),
+                           "--tolerance", "0", "-q"], capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.split("maxrss_kb")[1].split()[0]) * 1024
+    assert (tmp_path / "o.onnx.data").stat().st_size >= weights
+    np.testing.assert_allclose(_outputs(out, x[:2]), _outputs(src, x[:2]), rtol=1e-4, atol=1e-5)
+    assert peak < 2 * weights, f"peak RSS {peak / 2**30:.2f} GiB for {weights / 2**30:.2f} GiB of weights"
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss > 0
