@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -92,18 +93,22 @@ def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
     result = PassResult("merge_constants")
     in_subgraphs = _names_read_in_subgraphs(graph)
     names_before = _constant_names(graph)
+    reads = [(node, i, t) for node in graph.nodes for i, t in enumerate(node.inputs)
+             if isinstance(t, gs.Constant) and t.name not in in_subgraphs and not is_graph_output(graph, t)]
+    # only constants that share dtype and shape with another one are read and hashed (weights on disk never are)
+    by_form = Counter(_form(t) for t in {id(t): t for _, _, t in reads}.values())
     first: dict[tuple, gs.Constant] = {}
     merged = 0
-    for node in graph.nodes:
-        for i, t in enumerate(node.inputs):
-            if not isinstance(t, gs.Constant) or t.name in in_subgraphs or is_graph_output(graph, t):
-                continue
-            values = np.asarray(t.values)  # its own shape: ascontiguousarray would make a 0-d scalar look (1,)
-            key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes(order="C")).hexdigest())
-            keep = first.setdefault(key, t)
-            if keep is not t:
-                node.inputs[i] = keep
-                merged += 1
+    for node, i, t in reads:
+        form = _form(t)
+        if by_form[form] < 2 or _on_disk(t):
+            continue
+        values = np.asarray(t.values)  # its own shape: ascontiguousarray would make a 0-d scalar look (1,)
+        key = (*form, hashlib.sha256(values.tobytes(order="C")).hexdigest())
+        keep = first.setdefault(key, t)
+        if keep is not t:
+            node.inputs[i] = keep
+            merged += 1
     graph.cleanup(recurse_subgraphs=False, recurse_functions=False)
     dropped = len(names_before - _constant_names(graph))
     result.changed = dropped
@@ -111,6 +116,18 @@ def merge_constants(graph: gs.Graph, ctx: object | None = None) -> PassResult:
         result.notes.append(f"merged {dropped} duplicate initializers ({merged} reads redirected)")
     log.info("merge_constants: %d duplicate initializers merged", dropped)
     return result
+
+
+def _form(t: gs.Constant) -> tuple:
+    """(dtype, shape) of a constant without reading its values (graphsurgeon knows both for lazy ones)."""
+    return str(np.dtype(t.dtype)) if t.dtype is not None else "?", tuple(t.shape or ())
+
+
+def _on_disk(t: gs.Constant) -> bool:
+    """A weight still on disk (a large model's): merging would read it; equal weights on disk are not expected."""
+    lazy = getattr(t, "_values", None)
+    tensor = getattr(lazy, "tensor", None)
+    return tensor is not None and getattr(tensor, "data_location", 0) == 1  # TensorProto.EXTERNAL
 
 
 def _constant_names(graph: gs.Graph) -> set[str]:
