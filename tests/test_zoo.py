@@ -27,7 +27,7 @@ from onnx_easier.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 48
-TIME_LIMIT = "45"
+TIME_LIMIT = "25"
 NOISE = 1.03
 
 
