@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make an exported ONNX network shallower: EASIER entropy of every activation, "
         "linearization of the lowest-entropy ones, exact fusion of the layers they leave linear.",
         epilog="Without OUT the model is only analysed (entropy table, --report). Exit codes: 0 ok, 2 bad input, "
-        "1 internal failure or failed verification.",
+        "1 internal failure or failed verification, 130 interrupted (Ctrl-C: nothing written).",
     )
     p.add_argument("input", metavar="IN.onnx", help="the exported model")
     p.add_argument("output", metavar="OUT.onnx", nargs="?", help="where to write the optimized model")

@@ -245,3 +245,11 @@ def test_input_file_never_modified(files, capsys) -> None:
                            capsys)
     assert code == 0, err
     assert hashlib.sha256(files["model"].read_bytes()).hexdigest() == h
+
+
+def test_help_lists_every_exit_code(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("0 ok", "2 bad input", "1 internal failure", "130 interrupted"):
+        assert code in text

@@ -191,7 +191,8 @@ def _with_confidence(conf: float, n: int = 10, k: int = 10) -> np.ndarray:
 def test_training_data_warning_threshold() -> None:
     assert softmax(_with_confidence(0.995), axis=1).max(axis=1) == pytest.approx(0.995)
     msg = training_data_warning([_with_confidence(0.995)])
-    assert msg is not None and "training data" in msg and "\n" not in msg and "99.5%" in msg
+    assert msg is not None and "\n" not in msg and "99.5%" in msg
+    assert "mean top-1 confidence" in msg and "understate" in msg and "probably" not in msg  # what it measured
     assert training_data_warning([_with_confidence(0.985)]) is None
     assert training_data_warning([softmax(_with_confidence(0.995), axis=1)]) is not None  # probabilities
     assert training_data_warning([np.ones((5, 3, 4))]) is None  # not a classifier

@@ -30,13 +30,20 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one() -> None:
 
 
 def test_readme_main_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    tool = readme_commands()[0].split("&&", 1)[1].strip()
-    argv = shlex.split(tool)
+    steps = [shlex.split(part) for part in readme_commands()[0].split("&&")]
+    argv = steps[-1]
     assert argv[0] == "onnx-easier"
     args = [str(ROOT / a) if re.match(r"^models/", a) else a for a in argv[1:]]
     if not Path(args[0]).exists():
         pytest.skip(f"{args[0]} is not shipped yet")
     monkeypatch.chdir(tmp_path)
+    for step in steps[1:-1]:  # the folders the README makes for the outputs
+        assert step[:2] == ["mkdir", "-p"], step
+        for folder in step[2:]:
+            Path(folder).mkdir(parents=True)
+    outputs = [a for a in argv[2:] if not a.startswith("-") and not re.match(r"^models/", a)]
+    assert all(a.startswith("out/") for a in outputs), "the quick start writes under out/ (ignored by git)"
+    assert "/out/" in (ROOT / ".gitignore").read_text().split()
     code = main(args)
     out = capsys.readouterr()
     assert code == 0, out.err
