@@ -35,10 +35,31 @@ td.name { font-family: ui-monospace, monospace; }
 tr.linearized td { background: #fff4e6; } tr.op td { color: #868e96; }
 .ok { color: #2b8a3e; font-weight: 600; } .fail { color: #c92a2a; font-weight: 600; }
 .warn { background: #fff9db; border-left: 4px solid #fab005; padding: 0.4em 0.8em; }
-.plot { overflow-x: auto; } .legend span { margin-right: 1.2em; }
+.plot, .scroll { overflow-x: auto; max-width: 100%; } .legend span { margin-right: 1.2em; }
+td.name, td.note { overflow-wrap: anywhere; word-break: break-word; max-width: 28em; }
+abbr { text-decoration: none; cursor: help; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: middle; margin-right: 0.3em; }
 svg text { font: 11px system-ui, sans-serif; fill: #495057; }
 """
+
+
+MIN_PLOT_WIDTH = 360
+NAME_CHARS = 40  # longer node names are shortened in tables, the full name on hover
+
+
+def _name(value: object) -> str:
+    """An escaped node name; a long one (fused layers name all their sources) shortened in the middle, in full in
+    its hover title."""
+    text = str(value)
+    if len(text) <= NAME_CHARS:
+        return _e(text)
+    half = (NAME_CHARS - 1) // 2
+    return f'<abbr title="{_e(text)}">{_e(text[:half])}&hellip;{_e(text[-half:])}</abbr>'
+
+
+def _table(head: str, rows: list[str]) -> str:
+    """A table in a box of its own that scrolls sideways when it is wider than the page (the page never does)."""
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def _e(value: object) -> str:
@@ -146,7 +167,7 @@ def entropy_svg(activations: list[dict]) -> str:
         return "<p>No activations found.</p>"
     left, right, top, bottom, height = 44, 12, 10, 34, 200
     bar = max(3.0, min(28.0, 760.0 / n))
-    width = left + right + bar * n
+    width = max(left + right + bar * n, MIN_PLOT_WIDTH)  # room for the axis title however few the bars
     values = [_finite(a.get("entropy")) for a in activations]
     ymax = max([1.0] + [v for v in values if v is not None])
     y0 = top + height
@@ -192,8 +213,9 @@ def _fidelity_cell(value: object) -> str:
     return _num(value, ".4g") if isinstance(value, (int, float)) else _e(value)
 
 
-def decisions_table(activations: list[dict]) -> str:
-    """One row per activation in graph order: node, op, channels, entropy, rank by entropy, action, fidelity."""
+def decisions_table(activations: list[dict], decided: bool = True) -> str:
+    """One row per activation in graph order: node, op, channels, entropy, rank by entropy, action, fidelity.
+    ``decided=False`` (analysis only, no OUT): the action column says nothing was decided."""
     if not activations:
         return ""
     entropies = [_finite(a.get("entropy")) for a in activations]
@@ -206,15 +228,15 @@ def decisions_table(activations: list[dict]) -> str:
         op = str(a.get("op", "-"))
         if a.get("spelling", "op") != "op":
             op += f" ({a['spelling']})"
-        action = str(a.get("action", "kept"))
+        action = str(a.get("action", "kept")) if decided else "not decided (analysis only)"
         klass = ' class="linearized"' if action == "linearized" else ""
         rows.append(
-            f"<tr{klass}><td class=\"num\">{i + 1}</td><td class=\"name\">{_e(a.get('node', '-'))}</td>"
+            f"<tr{klass}><td class=\"num\">{i + 1}</td><td class=\"name\">{_name(a.get('node', '-'))}</td>"
             f"<td>{_e(op)}</td><td class=\"num\">{_num(a.get('channels'))}</td>"
             f"<td class=\"num\">{_num(a.get('entropy'), '.4f')}</td><td class=\"num\">{rank[i]}</td>"
             f"<td>{_e(action)}</td><td class=\"num\">{_fidelity_cell(a.get('fidelity'))}</td></tr>"
         )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return _table(head, rows)
 
 
 def trials_table(report: dict) -> str:
@@ -235,16 +257,17 @@ def trials_table(report: dict) -> str:
         for i, t in enumerate(trials, 1):
             kept = bool(t.get("accepted"))
             refit = "<br>".join(
-                f"{_e(r.get('node', '?'))}: {_num(r.get('error_before'), '.3g')} &rarr; "
+                f"{_name(r.get('node', '?'))}: {_num(r.get('error_before'), '.3g')} &rarr; "
                 f"{_num(r.get('error_after'), '.3g')}{' (KL, nats)' if _is_kl(r) else ''}"
                 f"{'' if r.get('accepted') else ' (not kept)'}"
                 for r in t.get("refit") or [])
-            acts = "<br>".join(_e(a) for a in t.get("activations") or [])
+            acts = "<br>".join(_name(a) for a in t.get("activations") or [])
             klass = ' class="linearized"' if kept else ""
             num, name = '<td class="num">', '<td class="name">'
             rows.append(f"<tr{klass}>{num}{i}</td>{name}{acts}</td>{num}{_fidelity_cell(t.get('fidelity'))}</td>"
-                        f"<td>{'kept' if kept else 'undone'}</td>{name}{refit}</td><td>{_e(t.get('note', ''))}</td></tr>")
-        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+                        f"<td>{'kept' if kept else 'undone'}</td>{name}{refit}</td>"
+                        f"<td class=\"note\">{_e(t.get('note', ''))}</td></tr>")
+        out.append(_table(head, rows))
     return "".join(out)
 
 
@@ -268,7 +291,8 @@ def cost_table(report: dict) -> str:
         if after:
             cells += f"<td class=\"num\">{_num(a_ops.get(op, 0))}</td><td></td>"
         rows.append(f'<tr class="op">{cells}</tr>')
-    return f"<h2>Model before / after</h2><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    title = "Model before / after" if after else "Model"
+    return f"<h2>{title}</h2>" + _table(head, rows)
 
 
 def _exactness_and_passes(report: dict) -> str:
@@ -279,12 +303,22 @@ def _exactness_and_passes(report: dict) -> str:
                    f"on {_num(exact.get('samples'))} samples (rtol {_num(exact.get('rtol'), 'g')}).</p>")
     passes = report.get("passes")
     if passes:
+        runs: dict[str, list[dict]] = {}
+        for p in passes:  # one line per pass, its runs over the rounds together
+            runs.setdefault(str(p.get("name", "?")), []).append(p)
         items = "".join(
-            f"<li><strong>{_e(p.get('name', '?'))}</strong>: {'changed' if p.get('changed') else 'no change'}"
-            + "".join(f"; {_e(n)}" for n in (p.get("notes") or [])) + "</li>"
-            for p in passes
+            f"<li><strong>{_e(name)}</strong>: "
+            + (f"{sum(int(p.get('changed') or 0) for p in ps)} rewrites" if any(p.get("changed") for p in ps)
+               else "no rewrite")
+            + f" in {len(ps)} run{'s' if len(ps) > 1 else ''}"
+            + "".join(f"; {_e(n)}" for p in ps for n in (p.get("notes") or [])) + "</li>"
+            for name, ps in runs.items()
         )
-        out.append(f"<h2>Passes</h2><ul>{items}</ul>")
+        searched = report.get("mode") == "tolerance" and any(
+            a.get("action") == "linearized" for a in report.get("activations") or [])
+        scope = (" of the exact fusions (the fusions after each linearization are in the search trials)"
+                 if searched else "")
+        out.append(f"<h2>Passes{_e(scope)}</h2><ul>{items}</ul>")
     return "".join(out)
 
 
@@ -301,8 +335,8 @@ def render_html(report: dict) -> str:
         _fidelity(report),
         _latency(report),
         f"<h2>EASIER entropy of each activation ({len(acts)})</h2>",
-        entropy_svg(acts),
-        "<h2>Decisions</h2>" + decisions_table(acts) if acts else "",
+        entropy_svg(acts if "after" in report else [{**a, "action": "not decided"} for a in acts]),
+        "<h2>Decisions</h2>" + decisions_table(acts, decided="after" in report) if acts else "",
         cost_table(report),
         trials_table(report),
         _exactness_and_passes(report),

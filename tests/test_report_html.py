@@ -219,3 +219,59 @@ def test_search_trials_table() -> None:
     parser.feed(page)
     assert not parser.errors and not parser.stack
     assert "Search trials" not in render_html(_report())  # no search block: no section
+
+
+# --- a new user's first look (issue 15) ---------------------------------------------------------------------------
+
+
+def _analysis_report() -> dict:
+    acts = [{"node": f"relu{i}", "op": "Relu", "spelling": "op", "tensor": f"t{i}", "channels": 8,
+             "entropy": 0.1 * i, "action": "kept"} for i in range(3)]
+    return {"model": "m.onnx", "data": {"source": "d.npz", "samples": 8, "synthetic": False}, "activations": acts,
+            "before": {"nodes": 9, "compute_nodes": 4, "activations": 3, "depth": 4, "params": 10, "macs": 100,
+                       "per_op": {"Conv": 4, "Relu": 3}}}
+
+
+def test_analyse_mode_says_nothing_was_decided() -> None:
+    page = render_html(_analysis_report())
+    assert "<h2>Model</h2>" in page and "before / after" not in page
+    assert page.count("not decided (analysis only)") == 3
+    assert ">kept<" not in page
+
+
+def test_long_fused_names_are_shortened_with_the_full_name_on_hover() -> None:
+    long = "fused(" + "+".join(f"/backbone/stage{i}/block/conv_{i}" for i in range(12)) + ")"
+    report = {**_analysis_report(), "after": {"nodes": 5, "compute_nodes": 2, "activations": 1, "depth": 2,
+                                              "params": 8, "macs": 60, "per_op": {"Conv": 2, "Relu": 1}},
+              "mode": "tolerance",
+              "search": {"entropy": {"linearized": ["relu0"], "seconds": 1.0, "trials": [
+                  {"activations": ["relu0"], "fidelity": 0.001, "accepted": True, "seconds": 0.5,
+                   "refit": [{"node": long, "target": "t", "error_before": 0.1, "error_after": 0.01,
+                              "accepted": True}], "note": "x" * 300}]}},
+              "strategy": {"chosen": "entropy"},
+              "passes": [{"name": "cleanup", "changed": 0, "notes": []}, {"name": "cleanup", "changed": 0, "notes": []}]}
+    report["activations"][0]["action"] = "linearized"
+    page = render_html(report)
+    assert long not in page.replace(f'title="{long}"', "")  # shown shortened...
+    assert f'<abbr title="{long}">' in page  # ...in full on hover
+    assert "Model before / after" in page
+    # every table sits in a box that scrolls on its own: the page never overflows sideways
+    assert page.count('<div class="scroll"><table>') == page.count("<table>")
+    # one line per pass, and a page whose model lost layers does not just say "no change"
+    assert page.count("<strong>cleanup</strong>") == 1 and "in 2 runs" in page
+    assert "fusions after each linearization are in the search trials" in page
+
+
+def test_css_keeps_tables_inside_the_page() -> None:
+    """The CSS check the issue allows where no headless browser can be installed: the boxes around tables scroll,
+    long names and notes wrap, the plot has room for its axis title."""
+    from onnx_easier.report_html import _CSS, MIN_PLOT_WIDTH, entropy_svg
+
+    rules = {sel.strip(): body for sel, body in
+             (r.split("{", 1) for r in _CSS.replace("\n", " ").split("}") if "{" in r)}
+    scroll = next(body for sel, body in rules.items() if ".scroll" in sel)
+    assert "overflow-x: auto" in scroll and "max-width: 100%" in scroll
+    wrap = next(body for sel, body in rules.items() if "td.name" in sel and "td.note" in sel)
+    assert "overflow-wrap: anywhere" in wrap
+    svg = entropy_svg([{"node": "a", "op": "Relu", "entropy": 0.5, "action": "kept"}])
+    assert f'width="{MIN_PLOT_WIDTH}"' in svg  # one bar: still wide enough for "activations in graph order (...)"
