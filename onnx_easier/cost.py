@@ -1,7 +1,10 @@
 """Static cost of a model: nodes, compute nodes, depth, parameters, MACs, ops per type.
 
 Definitions (the report's contract):
-- compute nodes: Conv, ConvTranspose, Gemm, MatMul;
+- compute nodes: Conv, ConvTranspose, Gemm, MatMul, except a *per-channel affine* Conv: 1x1 kernel, one input and
+  one output channel per group, stride 1, no padding (``y_c = w_c x_c + b_c``, what a BatchNormalization or a
+  per-channel Mul/Add computes; the exact fusions may turn such a pair into one, and that must not read as a layer
+  more: per-channel affines count as no layer, in whatever spelling);
 - depth: the largest number of compute nodes on any path from a graph input (or constant) to a graph output;
 - params: number of elements of all initializers of the main graph (overridable ones included);
 - macs: multiply-accumulates of the compute nodes for ONE sample, from ONNX shape inference: a dynamic first
@@ -118,11 +121,26 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
     return None if n is None or per is None else n * per
 
 
+def is_compute(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
+    """A compute node (module doc): a Conv/ConvTranspose/Gemm/MatMul that is not a per-channel affine Conv."""
+    if node.op_type not in COMPUTE_OPS:
+        return False
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+        return True
+    w = list(weights[node.input[1]].dims)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    group = int(attrs.get("group", 1))
+    pointwise = len(w) >= 3 and all(k == 1 for k in w[2:]) and w[1] == 1 and w[0] == group
+    plain = all(v == 1 for v in attrs.get("strides", [1])) and not any(attrs.get("pads", [0]))
+    return not (pointwise and plain and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+
+
 def depth(model: onnx.ModelProto) -> int:
     """Largest number of compute nodes on any input-to-output path (nodes are topologically ordered)."""
+    weights = {t.name: t for t in model.graph.initializer}
     best: dict[str, int] = {}
     for node in model.graph.node:
-        d = max((best.get(i, 0) for i in node.input if i), default=0) + (node.op_type in COMPUTE_OPS)
+        d = max((best.get(i, 0) for i in node.input if i), default=0) + is_compute(node, weights)
         for o in node.output:
             best[o] = d
     return max((best.get(o.name, 0) for o in model.graph.output), default=0)
@@ -144,9 +162,10 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
     except OnnxEasierError:  # inputs fix axis 0 to different sizes (state inputs): the MACs of one run
         pass
     ops = Counter(n.op_type for n in model.graph.node)
+    weights = {t.name: t for t in model.graph.initializer}
     return Cost(
         nodes=len(model.graph.node),
-        compute_nodes=sum(ops[o] for o in COMPUTE_OPS),
+        compute_nodes=sum(is_compute(n, weights) for n in model.graph.node),
         activations=activations,
         depth=depth(model),
         params=sum(math.prod(t.dims) for t in model.graph.initializer),

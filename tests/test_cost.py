@@ -69,3 +69,36 @@ def test_dynamic_spatial_dims_use_given_shapes() -> None:
     assert not measure(m, 0).macs_complete
     c = measure(m, 0, {"x": (7, 2, 4, 6)})
     assert c.macs_complete and c.macs == 5 * 2 * 24
+
+
+def test_per_channel_affine_is_no_layer_in_any_spelling() -> None:
+    """Standalone per-channel Mul + Add and the 1x1 depthwise Conv the exact fusions may make of them count the
+    same: no compute node, no depth (a text detector read 64 -> 77 compute nodes after a rewrite that made it
+    faster). A 1x1 depthwise Conv with a stride, or a real 1x1 conv, still counts."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_easier.cost import measure
+
+    c = 4
+    vi = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 8, 8])]
+    scale = numpy_helper.from_array(np.linspace(0.5, 2, c).astype(np.float32).reshape(c, 1, 1), "s")
+    shift = numpy_helper.from_array(np.ones((c, 1, 1), np.float32), "b")
+    conv_w = numpy_helper.from_array(np.ones((c, c, 3, 3), np.float32), "w")
+
+    def model(tail: list, inits: list, out_hw: int = 8) -> onnx.ModelProto:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+                 *tail]
+        g = helper.make_graph(nodes, "g", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                             ["N", c, out_hw, out_hw])],
+                              [conv_w, *inits])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    mul_add = model([helper.make_node("Mul", ["r", "s"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                    [scale, shift])
+    dw = numpy_helper.from_array(np.linspace(0.5, 2, c).astype(np.float32).reshape(c, 1, 1, 1), "dw")
+    bias = numpy_helper.from_array(np.ones(c, np.float32), "db")
+    depthwise = model([helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=c)], [dw, bias])
+    strided = model([helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=c, strides=[2, 2])], [dw, bias], 4)
+    a, b, s = measure(mul_add, 1), measure(depthwise, 1), measure(strided, 1)
+    assert (a.compute_nodes, a.depth) == (b.compute_nodes, b.depth) == (1, 1)
+    assert (s.compute_nodes, s.depth) == (2, 2)
