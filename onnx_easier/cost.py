@@ -7,7 +7,8 @@ Definitions (the report's contract):
   more: per-channel affines count as no layer, in whatever spelling);
 - depth: the largest number of compute nodes on any path from a graph input (or constant) to a graph output;
 - params: number of elements of all initializers of the main graph (overridable ones included);
-- macs: multiply-accumulates of the compute nodes for ONE sample, from ONNX shape inference: a dynamic first
+- macs: multiply-accumulates of the compute nodes (so none for a per-channel affine, in any spelling, as for the
+  Mul/Add or BatchNormalization that compute the same) for ONE sample, from ONNX shape inference: a dynamic first
   dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model with a fixed batch N
   (``data.fixed_batch``) has its MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
 """
@@ -131,8 +132,9 @@ def is_compute(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bo
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = int(attrs.get("group", 1))
     pointwise = len(w) >= 3 and all(k == 1 for k in w[2:]) and w[1] == 1 and w[0] == group
+    # a 1x1 kernel at stride 1 pads nothing under any auto_pad; explicit pads would add a border of bias only
     plain = all(v == 1 for v in attrs.get("strides", [1])) and not any(attrs.get("pads", [0]))
-    return not (pointwise and plain and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+    return not (pointwise and plain)
 
 
 def depth(model: onnx.ModelProto) -> int:
@@ -150,9 +152,10 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
     """The cost of ``model``; ``activations`` is counted by the caller (activation recognition lives elsewhere)."""
     inferred = with_static_shapes(model, input_shapes)
     shapes = _shapes(inferred)
+    weights = {t.name: t for t in model.graph.initializer}
     macs, complete = 0, True
     for node in inferred.graph.node:
-        m = node_macs(node, shapes)
+        m = node_macs(node, shapes) if is_compute(node, weights) else 0
         if m is None:
             complete = False
         else:
@@ -162,7 +165,6 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
     except OnnxEasierError:  # inputs fix axis 0 to different sizes (state inputs): the MACs of one run
         pass
     ops = Counter(n.op_type for n in model.graph.node)
-    weights = {t.name: t for t in model.graph.initializer}
     return Cost(
         nodes=len(model.graph.node),
         compute_nodes=sum(is_compute(n, weights) for n in model.graph.node),

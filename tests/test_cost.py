@@ -71,34 +71,70 @@ def test_dynamic_spatial_dims_use_given_shapes() -> None:
     assert c.macs_complete and c.macs == 5 * 2 * 24
 
 
+C = 4  # channels of the per-channel affine tests
+
+
+def _chain(*tail: onnx.NodeProto, out_hw: int = 8, inits: tuple[onnx.TensorProto, ...] = ()) -> onnx.ModelProto:
+    """x[N,4,8,8] -> Conv3x3 (pads 1) -> h, then ``tail`` ending in y; random weights (the fusion tests run it)."""
+    rng = np.random.default_rng(0)
+
+    def arr(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.uniform(0.5, 1.5, shape).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), *tail]
+    weights = [arr("w1", C, C, 3, 3), arr("w2", C, C, 3, 3), arr("s", C, 1, 1), arr("b", C, 1, 1),
+               arr("dw", C, 1, 1, 1), arr("db", C), *inits]
+    used = {i for n in nodes for i in n.input}
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, out_hw, out_hw])],
+                          [w for w in weights if w.name in used])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _mul_add(src: str, dst: str) -> list[onnx.NodeProto]:
+    return [helper.make_node("Mul", [src, "s"], [src + "_m"]), helper.make_node("Add", [src + "_m", "b"], [dst])]
+
+
 def test_per_channel_affine_is_no_layer_in_any_spelling() -> None:
     """Standalone per-channel Mul + Add and the 1x1 depthwise Conv the exact fusions may make of them count the
-    same: no compute node, no depth (a text detector read 64 -> 77 compute nodes after a rewrite that made it
-    faster). A 1x1 depthwise Conv with a stride, or a real 1x1 conv, still counts."""
-    from onnx import TensorProto, helper, numpy_helper
+    same: no compute node, no depth, no MACs (a text detector read 64 -> 77 compute nodes after a rewrite that made
+    it faster). A 1x1 depthwise Conv with a stride or padding, or a real 1x1 conv, still counts."""
+    relu = helper.make_node("Relu", ["h"], ["r"])
+    mul_add = _chain(relu, *_mul_add("r", "y"))
+    depthwise = _chain(relu, helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=C))
+    same = _chain(relu, helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=C, auto_pad="SAME_UPPER"))
+    strided = _chain(relu, helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=C, strides=[2, 2]), out_hw=4)
+    padded = _chain(relu, helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=C, pads=[1, 1, 1, 1]), out_hw=10)
+    a, b, c = measure(mul_add, 1), measure(depthwise, 1), measure(same, 1)
+    conv_macs = C * 64 * C * 9
+    assert (a.compute_nodes, a.depth, a.macs) == (b.compute_nodes, b.depth, b.macs) == (1, 1, conv_macs)
+    assert (c.compute_nodes, c.depth, c.macs) == (1, 1, conv_macs)
+    s, p = measure(strided, 1), measure(padded, 1)
+    assert (s.compute_nodes, s.depth, s.macs) == (2, 2, conv_macs + C * 16)
+    assert (p.compute_nodes, p.depth) == (2, 2)
+    pointwise = _chain(relu, helper.make_node("Conv", ["r", "pw"], ["y"]), inits=(_init("pw", C, C, 1, 1),))
+    assert (measure(pointwise, 1).compute_nodes, measure(pointwise, 1).depth) == (2, 2)  # mixes channels: a layer
 
-    from onnx_easier.cost import measure
 
-    c = 4
-    vi = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 8, 8])]
-    scale = numpy_helper.from_array(np.linspace(0.5, 2, c).astype(np.float32).reshape(c, 1, 1), "s")
-    shift = numpy_helper.from_array(np.ones((c, 1, 1), np.float32), "b")
-    conv_w = numpy_helper.from_array(np.ones((c, c, 3, 3), np.float32), "w")
+def test_exact_fusions_never_read_as_deeper() -> None:
+    """Conv -> Mul -> Add (per channel) -> Relu -> Conv, and the same with the Mul/Add standing alone between two
+    Relus, before and after the exact fusions: nodes go down, compute nodes, depth and MACs never up (the first
+    pair folds into the Conv; the standalone pair may become a 1x1 depthwise Conv)."""
+    from onnx_easier.fusion import fuse
+    from onnx_easier.model_io import to_graph, to_model
 
-    def model(tail: list, inits: list, out_hw: int = 8) -> onnx.ModelProto:
-        nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
-                 *tail]
-        g = helper.make_graph(nodes, "g", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
-                                                                             ["N", c, out_hw, out_hw])],
-                              [conv_w, *inits])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-    mul_add = model([helper.make_node("Mul", ["r", "s"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
-                    [scale, shift])
-    dw = numpy_helper.from_array(np.linspace(0.5, 2, c).astype(np.float32).reshape(c, 1, 1, 1), "dw")
-    bias = numpy_helper.from_array(np.ones(c, np.float32), "db")
-    depthwise = model([helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=c)], [dw, bias])
-    strided = model([helper.make_node("Conv", ["r", "dw", "db"], ["y"], group=c, strides=[2, 2])], [dw, bias], 4)
-    a, b, s = measure(mul_add, 1), measure(depthwise, 1), measure(strided, 1)
-    assert (a.compute_nodes, a.depth) == (b.compute_nodes, b.depth) == (1, 1)
-    assert (s.compute_nodes, s.depth) == (2, 2)
+    after_conv = _chain(*_mul_add("h", "a"), helper.make_node("Relu", ["a"], ["r"]),
+                        helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1]))
+    standalone = _chain(helper.make_node("Relu", ["h"], ["r0"]), *_mul_add("r0", "a"),
+                        helper.make_node("Relu", ["a"], ["r"]),
+                        helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1]))
+    for model in (after_conv, standalone):
+        graph = to_graph(onnx.shape_inference.infer_shapes(model))
+        assert fuse(graph).changed
+        fused = to_model(graph, model)
+        onnx.checker.check_model(fused, full_check=True)
+        before, after = measure(model, 1), measure(fused, 1)
+        assert after.nodes < before.nodes
+        assert (before.compute_nodes, before.depth) == (2, 2)
+        assert after.compute_nodes <= before.compute_nodes and after.depth <= before.depth
+        assert after.macs <= before.macs
