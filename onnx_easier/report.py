@@ -13,25 +13,29 @@ _COST_ROWS = ("nodes", "compute_nodes", "activations", "depth", "params", "macs"
 
 
 def entropy_table(report: dict) -> Table:
-    """Activations sorted by entropy (ties in graph order): activation, op, channels, entropy, action."""
-    t = Table(title=f"EASIER entropy ({report['data']['samples']} samples from {report['data']['source']})")
-    for col, justify in (("#", "right"), ("activation", "left"), ("op", "left"), ("channels", "right"),
-                         ("entropy", "right"), ("action", "left")):
+    """Activations sorted by entropy (ties in graph order): activation, op, channels, entropy, action. Without an
+    "after" (analysis only) nothing was decided: no action column, and the title says so."""
+    decided = "after" in report
+    title = f"EASIER entropy ({report['data']['samples']} samples from {report['data']['source']})"
+    t = Table(title=title if decided else f"{title}; analysis only, nothing linearized")
+    columns = (("#", "right"), ("activation", "left"), ("op", "left"), ("channels", "right"), ("entropy", "right"))
+    for col, justify in columns + ((("action", "left"),) if decided else ()):
         t.add_column(col, justify=justify)
     order = sorted(range(len(report["activations"])), key=lambda i: report["activations"][i]["entropy"])
     for rank, i in enumerate(order, 1):
         a = report["activations"][i]
         op = a["op"] if a.get("spelling", "op") == "op" else f"{a['op']} ({a['spelling']})"
-        t.add_row(str(rank), a["node"], op, str(a["channels"]), f"{a['entropy']:.4f}", a["action"])
+        cells = [str(rank), a["node"], op, str(a["channels"]), f"{a['entropy']:.4f}"]
+        t.add_row(*cells, *([a["action"]] if decided else []))
     return t
 
 
 def cost_table(report: dict) -> Table:
     """Before/after: nodes, compute nodes, activations, depth, params, MACs, then nodes per op type."""
     before, after = report["before"], report.get("after")
-    t = Table(title="Model before / after")
+    t = Table(title="Model before / after" if after is not None else "Model")
     t.add_column("")
-    t.add_column("before", justify="right")
+    t.add_column("before" if after is not None else "count", justify="right")
     if after is not None:
         t.add_column("after", justify="right")
         t.add_column("ratio", justify="right")

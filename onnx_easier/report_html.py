@@ -24,19 +24,19 @@ OTHER_COLOR = "#868e96"
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 72em;
-       padding: 0 1em; color: #212529; }
+       padding: 0 1em; color: #212529; overflow-wrap: anywhere; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #dee2e6; }
 dl.kv { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
 dl.kv dt { font-weight: 600; } dl.kv dd { margin: 0; font-family: ui-monospace, monospace; }
 table { border-collapse: collapse; font-size: 0.92em; }
-th, td { border: 1px solid #dee2e6; padding: 0.25em 0.6em; }
+th, td { border: 1px solid #dee2e6; padding: 0.25em 0.6em; overflow-wrap: normal; }
 th { background: #f1f3f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.name { font-family: ui-monospace, monospace; }
 tr.linearized td { background: #fff4e6; } tr.op td { color: #868e96; }
 .ok { color: #2b8a3e; font-weight: 600; } .fail { color: #c92a2a; font-weight: 600; }
 .warn { background: #fff9db; border-left: 4px solid #fab005; padding: 0.4em 0.8em; }
 .plot, .scroll { overflow-x: auto; max-width: 100%; } .legend span { margin-right: 1.2em; }
-td.name, td.note { overflow-wrap: anywhere; word-break: break-word; max-width: 28em; }
+td.name { overflow-wrap: break-word; max-width: 28em; } td.note { overflow-wrap: anywhere; max-width: 28em; }
 abbr { text-decoration: none; cursor: help; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; vertical-align: middle; margin-right: 0.3em; }
 svg text { font: 11px system-ui, sans-serif; fill: #495057; }
@@ -47,14 +47,20 @@ MIN_PLOT_WIDTH = 360
 NAME_CHARS = 40  # longer node names are shortened in tables, the full name on hover
 
 
+def _breakable(text: str) -> str:
+    """Escaped text with line-break opportunities after the separators of ONNX node names (``/``, ``+``, ``(``,
+    ``,``), so a name wraps between its parts ("/features/ features.2/Relu"), never inside one ("Re lu")."""
+    return "".join(_e(c) + ("<wbr>" if c in "/+(," else "") for c in text)
+
+
 def _name(value: object) -> str:
     """An escaped node name; a long one (fused layers name all their sources) shortened in the middle, in full in
     its hover title."""
     text = str(value)
     if len(text) <= NAME_CHARS:
-        return _e(text)
+        return _breakable(text)
     half = (NAME_CHARS - 1) // 2
-    return f'<abbr title="{_e(text)}">{_e(text[:half])}&hellip;{_e(text[-half:])}</abbr>'
+    return f'<abbr title="{_e(text)}">{_breakable(text[:half])}&hellip;{_breakable(text[-half:])}</abbr>'
 
 
 def _table(head: str, rows: list[str]) -> str:
@@ -215,28 +221,38 @@ def _fidelity_cell(value: object) -> str:
 
 def decisions_table(activations: list[dict], decided: bool = True) -> str:
     """One row per activation in graph order: node, op, channels, entropy, rank by entropy, action, fidelity.
-    ``decided=False`` (analysis only, no OUT): the action column says nothing was decided."""
+    ``decided=False`` (analysis only, no OUT): nothing was decided, so no action and fidelity columns."""
     if not activations:
         return ""
     entropies = [_finite(a.get("entropy")) for a in activations]
     order = sorted(range(len(activations)), key=lambda i: math.inf if entropies[i] is None else entropies[i])
     rank = {i: r for r, i in enumerate(order, 1)}  # ties keep graph order, as the terminal table
-    head = "".join(f"<th>{h}</th>" for h in ("#", "activation", "op", "channels", "entropy", "rank", "action",
-                                            "fidelity when tried"))
+    columns = ("#", "activation", "op", "channels", "entropy", "rank") + (
+        ("action", "fidelity when tried") if decided else ())
+    head = "".join(f"<th>{h}</th>" for h in columns)
     rows = []
     for i, a in enumerate(activations):
         op = str(a.get("op", "-"))
         if a.get("spelling", "op") != "op":
             op += f" ({a['spelling']})"
-        action = str(a.get("action", "kept")) if decided else "not decided (analysis only)"
-        klass = ' class="linearized"' if action == "linearized" else ""
+        action = str(a.get("action", "kept"))
+        klass = ' class="linearized"' if decided and action == "linearized" else ""
+        decision = f"<td>{_e(action)}</td><td class=\"num\">{_fidelity_cell(a.get('fidelity'))}</td>" if decided else ""
         rows.append(
             f"<tr{klass}><td class=\"num\">{i + 1}</td><td class=\"name\">{_name(a.get('node', '-'))}</td>"
             f"<td>{_e(op)}</td><td class=\"num\">{_num(a.get('channels'))}</td>"
-            f"<td class=\"num\">{_num(a.get('entropy'), '.4f')}</td><td class=\"num\">{rank[i]}</td>"
-            f"<td>{_e(action)}</td><td class=\"num\">{_fidelity_cell(a.get('fidelity'))}</td></tr>"
+            f"<td class=\"num\">{_num(a.get('entropy'), '.4f')}</td><td class=\"num\">{rank[i]}</td>{decision}</tr>"
         )
     return _table(head, rows)
+
+
+def _decisions(acts: list[dict], decided: bool) -> str:
+    if not acts:
+        return ""
+    if decided:
+        return "<h2>Decisions</h2>" + decisions_table(acts)
+    return ("<h2>Activations (analysis only)</h2><p>No output model was asked for, so nothing was linearized or "
+            "fused: rank 1 is the activation the optimizer would try first.</p>" + decisions_table(acts, decided=False))
 
 
 def trials_table(report: dict) -> str:
@@ -277,6 +293,8 @@ def cost_table(report: dict) -> str:
     if not before:
         return ""
     head = "<th></th><th>before</th>" + ("<th>after</th><th>after / before</th>" if after else "")
+    if not after:  # analysis only: there is no "after", so no "before" either
+        head = "<th></th><th>count</th>"
     rows = []
     for key in COST_ROWS:
         cells = f"<td>{_e(key.replace('_', ' '))}</td><td class=\"num\">{_num(before.get(key))}</td>"
@@ -325,6 +343,7 @@ def _exactness_and_passes(report: dict) -> str:
 def render_html(report: dict) -> str:
     """The whole page as a string."""
     acts = report.get("activations") or []
+    decided = "after" in report  # without OUT the model is only analysed: nothing is linearized or fused
     title = f"onnx-easier report: {report.get('model', '')}"
     return "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -335,8 +354,8 @@ def render_html(report: dict) -> str:
         _fidelity(report),
         _latency(report),
         f"<h2>EASIER entropy of each activation ({len(acts)})</h2>",
-        entropy_svg(acts if "after" in report else [{**a, "action": "not decided"} for a in acts]),
-        "<h2>Decisions</h2>" + decisions_table(acts, decided="after" in report) if acts else "",
+        entropy_svg(acts if decided else [{**a, "action": "not decided"} for a in acts]),
+        _decisions(acts, decided),
         cost_table(report),
         trials_table(report),
         _exactness_and_passes(report),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_minimal_report_without_optional_blocks(tmp_path: Path) -> None:
     page = (tmp_path / "m.html").read_text(encoding="utf-8")
     _parse(page)
     assert "Fidelity against the original" not in page and "Latency" not in page
-    assert "<th>after</th>" not in page and "<th>before</th>" in page
+    assert "<th>after</th>" not in page and "<th>before</th>" not in page and "<th>count</th>" in page
 
 
 def test_latency_before_only_and_infinite_fidelity() -> None:
@@ -234,12 +235,17 @@ def _analysis_report() -> dict:
 
 def test_analyse_mode_says_nothing_was_decided() -> None:
     page = render_html(_analysis_report())
-    assert "<h2>Model</h2>" in page and "before / after" not in page
-    assert page.count("not decided (analysis only)") == 3
-    assert ">kept<" not in page
+    _parse(page)
+    assert "<h2>Model</h2>" in page and "before / after" not in page and "<th>before</th>" not in page
+    assert "<h2>Decisions</h2>" not in page and "<h2>Activations (analysis only)</h2>" in page
+    assert "nothing was linearized or fused" in page
+    assert "<th>action</th>" not in page and "fidelity when tried" not in page  # no column of "kept"
+    assert ">kept<" not in page and 'class="linearized"' not in page
+    assert page.count('class="act not-decided"') == 3  # the plot's bars are not coloured as kept either
 
 
-def test_long_fused_names_are_shortened_with_the_full_name_on_hover() -> None:
+def _long_name_report() -> dict:
+    """A searched model whose fused layers name all their sources, with a long note."""
     long = "fused(" + "+".join(f"/backbone/stage{i}/block/conv_{i}" for i in range(12)) + ")"
     report = {**_analysis_report(), "after": {"nodes": 5, "compute_nodes": 2, "activations": 1, "depth": 2,
                                               "params": 8, "macs": 60, "per_op": {"Conv": 2, "Relu": 1}},
@@ -247,18 +253,33 @@ def test_long_fused_names_are_shortened_with_the_full_name_on_hover() -> None:
               "search": {"entropy": {"linearized": ["relu0"], "seconds": 1.0, "trials": [
                   {"activations": ["relu0"], "fidelity": 0.001, "accepted": True, "seconds": 0.5,
                    "refit": [{"node": long, "target": "t", "error_before": 0.1, "error_after": 0.01,
-                              "accepted": True}], "note": "x" * 300}]}},
+                              "accepted": True}], "note": "x" * 300},
+                  {"activations": [long], "fidelity": 0.02, "accepted": False, "seconds": 0.5,
+                   "refit": [{"node": long, "target": "t", "error_before": 0.1, "error_after": 0.05,
+                              "accepted": False}], "note": "a long note " * 40}]}},
               "strategy": {"chosen": "entropy"},
-              "passes": [{"name": "cleanup", "changed": 0, "notes": []}, {"name": "cleanup", "changed": 0, "notes": []}]}
+              "passes": [{"name": "cleanup", "changed": 0, "notes": []}, {"name": "cleanup", "changed": 0, "notes": []},
+                         {"name": "fuse_chains", "changed": 2, "notes": [f"chain cut at {long}"]}]}
+    report["activations"] = [{**a, "node": f"{long}/relu{i}"} for i, a in enumerate(report["activations"])]
     report["activations"][0]["action"] = "linearized"
+    return report
+
+
+def test_long_fused_names_are_shortened_with_the_full_name_on_hover() -> None:
+    report = _long_name_report()
+    long = report["search"]["entropy"]["trials"][0]["refit"][0]["node"]
     page = render_html(report)
-    assert long not in page.replace(f'title="{long}"', "")  # shown shortened...
+    _parse(page)
+    tables = re.sub(r'title="[^"]*"|<title>.*?</title>', "", page).split("<h2>Passes")[0]  # notes: prose, wraps
+    assert long not in tables  # shown shortened...
     assert f'<abbr title="{long}">' in page  # ...in full on hover
+    assert "/<wbr>backbone/<wbr>" in page  # names wrap between their parts, never inside one
     assert "Model before / after" in page
     # every table sits in a box that scrolls on its own: the page never overflows sideways
     assert page.count('<div class="scroll"><table>') == page.count("<table>")
-    # one line per pass, and a page whose model lost layers does not just say "no change"
-    assert page.count("<strong>cleanup</strong>") == 1 and "in 2 runs" in page
+    # one line per pass, with its rewrite count; a page whose model lost layers does not just say "no change"
+    assert page.count("<strong>cleanup</strong>") == 1 and "no rewrite in 2 runs" in page
+    assert "<strong>fuse_chains</strong>: 2 rewrites in 1 run" in page
     assert "fusions after each linearization are in the search trials" in page
 
 
@@ -271,7 +292,45 @@ def test_css_keeps_tables_inside_the_page() -> None:
              (r.split("{", 1) for r in _CSS.replace("\n", " ").split("}") if "{" in r)}
     scroll = next(body for sel, body in rules.items() if ".scroll" in sel)
     assert "overflow-x: auto" in scroll and "max-width: 100%" in scroll
-    wrap = next(body for sel, body in rules.items() if "td.name" in sel and "td.note" in sel)
-    assert "overflow-wrap: anywhere" in wrap
+    assert "overflow-wrap: anywhere" in rules["body"]  # prose (warnings, pass notes) wraps, however long a name
+    assert "overflow-wrap: break-word" in rules["td.name"] and "max-width" in rules["td.name"]  # at its <wbr>s
+    assert "overflow-wrap: anywhere" in rules["td.note"] and "max-width" in rules["td.note"]
     svg = entropy_svg([{"node": "a", "op": "Relu", "entropy": 0.5, "action": "kept"}])
     assert f'width="{MIN_PLOT_WIDTH}"' in svg  # one bar: still wide enough for "activations in graph order (...)"
+
+
+def _chromium() -> str | None:
+    """A Chromium or Chrome on PATH (playwright drives it), else None."""
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_rendered_in_a_browser_nothing_overflows(tmp_path: Path) -> None:
+    """Headless Chromium at 1400 px: neither the page nor a table box is wider than the window (long names wrap),
+    and no text of the entropy plot falls outside the SVG (its axis title was cut on small models)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH")
+    pages = {"analysis": _analysis_report(), "long names": _long_name_report(), "full": _report()}
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            view = browser.new_page(viewport={"width": 1400, "height": 900})
+            for name, report in pages.items():
+                write_html(report, tmp_path / "r.html")
+                view.goto((tmp_path / "r.html").as_uri())
+                page_w, window_w = view.evaluate(
+                    "[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+                assert page_w <= window_w, name
+                wide = view.evaluate("[...document.querySelectorAll('.scroll')]"
+                                     ".filter(d => d.scrollWidth > d.clientWidth).length")
+                assert wide == 0, f"{name}: {wide} table(s) scroll sideways at 1400 px"
+                cut = view.evaluate("""[...document.querySelectorAll('svg')].flatMap(s =>
+                    [...s.querySelectorAll('text')].map(t => [t, t.getBBox()])
+                    .filter(([t, b]) => b.x < 0 || b.x + b.width > s.width.baseVal.value)
+                    .map(([t]) => t.textContent))""")
+                assert cut == [], f"{name}: plot text cut: {cut}"
+        finally:
+            browser.close()
