@@ -52,3 +52,30 @@ def test_readme_main_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rep = json.loads((tmp_path / reports[0]).read_text())
     assert {"model", "data", "activations", "before", "after"} <= set(rep)
     assert (tmp_path / args[1]).exists()
+    # the README says why the shipped example warns, and with the figure the run measures; it warns of nothing else
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert len(rep["warnings"]) == 1 and "mean top-1 confidence" in rep["warnings"][0], rep["warnings"]
+    figure = re.search(r"is (\d+\.\d%)", rep["warnings"][0]).group(1)
+    assert f"mean top-1 confidence is {figure}" in readme
+    assert "may understate the loss on harder inputs" in readme and "may understate the loss" in rep["warnings"][0]
+
+
+def test_readme_claims_match_the_code(capsys) -> None:
+    """The intro's latency rule is the code's margin; --help and the README list the same exit codes; a test the
+    README names exists; the README mentions xfail tests only if there are some."""
+    from onnx_easier.api import NOISE_MARGIN
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    intro = readme.split("## Set up", 1)[0]
+    assert f"more than {NOISE_MARGIN:.0%} slower than the input" in intro
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for code in ("0", "1", "2", "130"):
+        assert re.search(rf"\b{code} (ok|success|bad input|internal failure|interrupted)", help_text), code
+        assert re.search(rf"Exit codes:[^.]*\b{code} ", readme), code
+    for path, name in re.findall(r"`(tests/test_\w+\.py)::(\w+)`", readme):
+        assert f"def {name}(" in (ROOT / path).read_text(), f"{path}::{name}"
+    tests = [f for f in (ROOT / "tests").glob("test_*.py") if f.name != "test_readme.py"]
+    xfails = any("pytest.mark.xfail" in f.read_text() for f in tests)
+    assert "xfail" not in readme or xfails
