@@ -306,9 +306,9 @@ def confidence_warning(confidence: float, threshold: float = TRAINING_CONFIDENCE
     if confidence < threshold:
         return None
     return (
-        f"the original model's mean top-1 confidence on the held-out samples is {confidence:.1%}: on inputs it is "
-        "this sure of, few predictions can flip, so the fidelity loss may understate the loss on harder inputs "
-        "(e.g. data it was trained on); if these samples are training data, pass held-out ones with --data"
+        f"the original model's mean top-1 confidence on the samples that measured fidelity is {confidence:.1%}: on "
+        "inputs it is this sure of, few predictions can flip, so the fidelity loss may understate the loss on harder "
+        "inputs; if these samples are training data, pass samples the model was not trained on with --data"
     )
 
 
