@@ -466,10 +466,13 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
 
 
 def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: CalibrationData) -> float:
-    """``select.output_error`` of ``b`` against ``a`` on the first VERIFY_SAMPLES samples of ``data``."""
-    sa, sb = make_session(a), make_session(b)
-    names = [o.name for o in sa.get_outputs()]
+    """``select.output_error`` of ``b`` against ``a`` on the first VERIFY_SAMPLES samples of ``data``. One session
+    at a time (two would map the weights of a model over 2 GB twice): ``a``'s outputs are kept, then ``b`` runs."""
     sub = data.subset(0, min(VERIFY_SAMPLES, data.samples))
-    return max((output_error(sa.run(names, feed), sb.run(names, feed))
-                for feed in sub.batches(run_batch(a, sub, 16), drop_last=bool(batch_multiple(input_specs(a), data)))),
-               default=0.0)
+    feeds = list(sub.batches(run_batch(a, sub, 16), drop_last=bool(batch_multiple(input_specs(a), data))))
+    session = make_session(a)
+    names = [o.name for o in session.get_outputs()]
+    expected = [session.run(names, feed) for feed in feeds]
+    del session  # freed before the next one maps its weights
+    session = make_session(b)
+    return max((output_error(ref, session.run(names, feed)) for ref, feed in zip(expected, feeds)), default=0.0)
