@@ -6,14 +6,20 @@ Edge cases handled here, once:
   ever folds them) and restored as initializers on export;
 - every save is atomic (temporary file, then rename).
 
-**Models over 2 GB** (``EXTERNAL_LIMIT``: the most protobuf can serialise) never have their weights in memory as a
-whole. ``load_model`` reads the graph without its external data and records, in the model's metadata
-(``EXTERNAL_DIR_KEY``), the absolute folder the data locations are relative to; the proto then stays small and
-every proto operation (copies, shape inference, the passes) works as for any model. A weight is read only when a
-pass needs its values (``to_graph`` makes graphsurgeon read it from that folder). ONNX Runtime and the checker get
-the model by path: ``on_disk`` writes the small proto into that folder for the moment they read it, so ORT maps the
-weights from the user's data file itself (one copy, shared by every session). ``save_model`` writes the output with
-one data file beside it (``<name>.data``), copying the input's weights range by range.
+**Models over 2 GB** (``EXTERNAL_LIMIT``: the most protobuf can serialise; tests lower it) never have their weights in
+memory as a whole. Sizes are told without ``ByteSize`` (protobuf serialises the model to compute it, and raises over
+2 GB): ``data_bytes`` of each tensor from its external ``length`` or its dims; ``tensor_bytes`` is the weights,
+``inline_bytes`` what the proto itself holds. ``load_model`` reads the graph without its external data and records,
+in the model's metadata (``EXTERNAL_DIR_KEY``), the absolute folder the data locations are relative to; the proto
+then stays small and every proto operation (copies, shape inference, the passes) works as for any model. A weight is
+read only when a pass needs its values (``to_graph`` makes graphsurgeon read it from that folder, into one array).
+ONNX Runtime and the checker get the model by path: ``on_disk`` writes the small proto into that folder for the
+moment they read it (so the folder must be writable), and ORT maps the weights from the user's data file itself.
+Each live session maps them once more (the pages are shared, but each mapping counts in the resident size): callers
+keep one session alive at a time. ``save_model`` writes the output with one data file beside it (``<name>.data``),
+copying the input's weights range by range, and publishes the pair only once it is checked. A ``ModelProto`` handed
+over in memory cannot be over 2 GB (protobuf cannot serialise it for ORT) nor refer to external data (no folder is
+known): ``load_model`` says to pass the path.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnx_easier.errors import InvalidModelError, UnsupportedModelError
+from onnx_easier.errors import BadArgumentError, InvalidModelError, UnsupportedModelError
 
 MIN_OPSET, MAX_OPSET = 11, 21
 _TWO_GB = 2**31 - 1
@@ -51,6 +57,13 @@ def default_opset(model: onnx.ModelProto) -> int:
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read and validate a model. Raises InvalidModelError / UnsupportedModelError with a one-line message."""
     if isinstance(source, onnx.ModelProto):
+        if has_external_data(source):
+            raise UnsupportedModelError("model: its weights are in external data files, and a ModelProto does not say "
+                                        "where they are: pass the model's path instead")
+        if inline_bytes(source) >= _TWO_GB:
+            raise UnsupportedModelError("model: over 2 GB in memory, which protobuf cannot serialise for ONNX Runtime "
+                                        "and the checker: save it with onnx.save(model, path, save_as_external_data="
+                                        "True) and pass the path")
         model = onnx.ModelProto()
         model.CopyFrom(source)
         label = "model"
@@ -71,9 +84,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             ) from exc
         if not model.graph.node and not model.graph.output:
             raise InvalidModelError(f"{path}: not an ONNX model (no graph found); is it another format?")
-        big = tensor_bytes(model) >= EXTERNAL_LIMIT and has_external_data(model)
         try:
-            if big:
+            if _weights_stay_on_disk(model):
                 _set_external_dir(model, str(path.resolve().parent))
             else:
                 onnx.load_external_data_for_model(model, str(path.parent))
@@ -104,23 +116,73 @@ def _first(exc: Exception) -> str:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the main graph's initializers, inline or external (protobuf's ByteSize raises over 2 GB)."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            if "length" in info:
-                total += int(info["length"])
-                continue
-            n = int(np.prod(t.dims, dtype=np.int64))
-            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        else:
-            total += len(t.raw_data) or t.ByteSize()
-    return total
+    """Bytes of the main graph's initializers, inline or external: the size of the weights (module doc)."""
+    return sum(data_bytes(t) for t in model.graph.initializer)
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors held in the proto itself (initializers, sparse initializers, node attributes, in every
+    graph and function): what protobuf must serialise with the graph, which it cannot over 2 GB."""
+    return sum(data_bytes(t) for t in _all_tensors(model) if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+_SUB_BYTE_BITS = {getattr(onnx.TensorProto, k): b for k, b in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4),
+                                                               ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6),
+                                                               ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, k)}
+
+
+def data_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of one tensor's data, without reading it: its external ``length`` or element count times element size.
+    Neither protobuf's ``ByteSize`` (it serialises the message, and raises over 2 GB) nor ``len(raw_data)`` (it
+    copies the bytes) is used for a raw or external tensor."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        length = next((e.value for e in t.external_data if e.key == "length"), None)
+        if length is not None:
+            return int(length)
+    elif not t.HasField("raw_data") or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        try:
+            return t.ByteSize()  # typed fields (float_data, ...): small tensors in practice
+        except Exception:  # noqa: BLE001 - protobuf's size errors have no common type: over 2 GB
+            return _TWO_GB
+    n = int(np.prod(t.dims, dtype=np.int64))
+    bits = _SUB_BYTE_BITS.get(t.data_type)
+    if bits is not None:
+        return -(-n * bits // 8)
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
+        for n in nodes:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for g in [*([a.g] if a.HasField("g") else []), *a.graphs]:
+                    yield from in_graph(g)
+
+    def in_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        yield from in_nodes(g.node)
+
+    yield from in_graph(model.graph)
+    for f in model.functions:
+        yield from in_nodes(f.node)
+
+
+def _weights_stay_on_disk(model: onnx.ModelProto) -> bool:
+    """Whether a model read without its external data keeps it on disk: its tensors (``Constant`` values included:
+    ``onnx.save(..., convert_attribute=True)`` puts them there too) hold ``EXTERNAL_LIMIT`` bytes or more, and some
+    are external."""
+    return has_external_data(model) and sum(data_bytes(t) for t in _all_tensors(model)) >= EXTERNAL_LIMIT
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    """Whether any tensor of ``model`` (initializer, Constant value, in any graph) refers to external data."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
 
 
 def external_dir(model: onnx.ModelProto) -> str | None:
@@ -174,7 +236,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """A model written by ``save_model``, read back the way ``load_model`` reads its input (large ones keep their
     weights on disk), without the input checks."""
     model = onnx.load(str(path), load_external_data=False)
-    if tensor_bytes(model) >= EXTERNAL_LIMIT and has_external_data(model):
+    if _weights_stay_on_disk(model):
         _set_external_dir(model, str(Path(path).resolve().parent))
     else:
         onnx.load_external_data_for_model(model, str(Path(path).parent))
@@ -230,6 +292,12 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
             attr = node.attribute[0]
+            if attr.name == "value" and attr.t.data_location == onnx.TensorProto.EXTERNAL:  # a weight left on disk
+                t = onnx.TensorProto()
+                t.CopyFrom(attr.t)
+                t.name = node.output[0]
+                moved.append(t)
+                continue
             arr = _constant_value(attr)
             if arr is not None:
                 moved.append(numpy_helper.from_array(arr, node.output[0]))
@@ -291,7 +359,20 @@ class _ExternalValues(LazyValues):
         self.folder = folder
 
     def load(self) -> np.ndarray:
-        return np.array(numpy_helper.to_array(self.tensor, base_dir=self.folder))
+        """The values, read straight into one writable array (``numpy_helper.to_array`` holds the bytes, then a
+        read-only view of them; a weight of the size that puts a model over 2 GB should be in memory once)."""
+        t = self.tensor
+        info = {e.key: e.value for e in t.external_data}
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        n = int(np.prod(t.dims, dtype=np.int64))
+        if t.data_type in _SUB_BYTE_BITS or dtype.kind not in "biufc" or "location" not in info:
+            return np.array(numpy_helper.to_array(t, base_dir=self.folder))
+        with open(os.path.join(self.folder, info["location"]), "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            values = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=n)  # ONNX data is little-endian
+        if values.size != n:
+            raise UnsupportedModelError(f"tensor {t.name!r}: its external data ends before {n} values")
+        return values.astype(dtype, copy=False).reshape(tuple(t.dims))
 
 
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -359,35 +440,73 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
 
     ``check(tmp_path)`` runs on the written temporary file before it is published (e.g. reload and verify); if
     it raises, nothing is published. Large models (weights on disk, or over ``EXTERNAL_LIMIT`` in memory) go with
-    one external-data file ``<name>.data`` beside them, written first (the model refers to it by that name); a
-    failed check removes it again. On any failure (or KeyboardInterrupt) nothing is left at ``path``.
-    """
+    one external-data file ``<name>.data`` beside them: the pair is written and checked under temporary names (the
+    model referring to its temporary data file), then the model is rewritten to refer to ``<name>.data`` (a few KB)
+    and both are renamed into place, the data first. So a failed check or an interruption leaves nothing, and an
+    existing ``path`` and its data file stay as they were until the new pair replaces them. A data file the weights
+    are read from is never replaced, except by ``path`` overwriting the very model that owns it (``--overwrite``)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    data_path = folder / f"{path.name}.data"
+    inline = external_dir(model) is None and tensor_bytes(model) < EXTERNAL_LIMIT
+    if not inline:
+        _refuse_input_data(model, path, data_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     _default_mode(fd)
     os.close(fd)
-    data_path = folder / f"{path.name}.data"
     data_tmp = f"{tmp}.data"
-    published_data = False
     try:
-        if external_dir(model) is None and tensor_bytes(model) < EXTERNAL_LIMIT:
+        if inline:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
+            if check is not None:
+                check(tmp)
         else:
-            out = _with_data_file(model, data_tmp, data_path.name)
+            out = _with_data_file(model, data_tmp, os.path.basename(data_tmp))
+            with open(tmp, "wb") as f:
+                f.write(out.SerializeToString())
+            if check is not None:
+                check(tmp)
+            _relocate(out, os.path.basename(data_tmp), data_path.name)
             with open(tmp, "wb") as f:
                 f.write(out.SerializeToString())
             os.replace(data_tmp, data_path)
-            published_data = True
-        if check is not None:
-            check(tmp)
         os.replace(tmp, path)
-        published_data = False
     finally:
-        for leftover in (tmp, data_tmp, *([data_path] if published_data else [])):
+        for leftover in (tmp, data_tmp):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def external_files(model: onnx.ModelProto, folder: str | os.PathLike) -> set[str]:
+    """Real paths of the files the external tensors of ``model`` read from, relative to ``folder``."""
+    return {os.path.realpath(os.path.join(folder, e.value)) for t in _all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+
+
+def _refuse_input_data(model: onnx.ModelProto, path: Path, data_path: Path) -> None:
+    """Raise BadArgumentError when ``data_path`` is a file the weights of ``model`` are read from and ``path`` is not
+    the model that owns it (writing there would change the input behind its back)."""
+    folder = external_dir(model)
+    if folder is None or not data_path.exists() or os.path.realpath(data_path) not in external_files(model, folder):
+        return
+    if path.is_file():
+        try:
+            owner = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not a model: it does not own the data file
+            owner = None
+        if owner is not None and os.path.realpath(data_path) in external_files(owner, path.parent):
+            return
+    raise BadArgumentError(f"{data_path} holds the input's weights, and OUT's data would be written there: "
+                           "choose another OUT")
+
+
+def _relocate(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point the external tensors of ``model`` stored in ``old`` to ``new`` (same offsets), in place."""
+    for t in _all_tensors(model):
+        for e in t.external_data:
+            if e.key == "location" and e.value == old:
+                e.value = new
 
 
 def _with_data_file(model: onnx.ModelProto, data_file: str, location: str) -> onnx.ModelProto:
@@ -400,7 +519,7 @@ def _with_data_file(model: onnx.ModelProto, data_file: str, location: str) -> on
     with open(data_file, "wb") as f:
         for t in out.graph.initializer:
             external = t.data_location == onnx.TensorProto.EXTERNAL
-            if not external and len(t.raw_data) < 1024 and t.ByteSize() < 1024:
+            if not external and data_bytes(t) < 1024:
                 continue
             offset = -(-f.tell() // 4096) * 4096
             f.seek(offset)
@@ -459,7 +578,7 @@ def make_session(
         so.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight otherwise
         with on_disk(model) as where:
             return _session(where, so, providers)
-    if isinstance(model, onnx.ModelProto) and tensor_bytes(model) >= _TWO_GB:
+    if isinstance(model, onnx.ModelProto) and inline_bytes(model) >= _TWO_GB:
         raise UnsupportedModelError("models over 2 GB must be passed to ORT as a path with external data")
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return _session(src, so, providers)

@@ -35,10 +35,10 @@ from onnx import helper
 
 from onnx_easier.data import InputSpec, input_specs
 from onnx_easier.errors import OnnxEasierError
-from onnx_easier.model_io import make_session
+from onnx_easier.model_io import inline_bytes, make_session, tensor_bytes
 
 _LOG = logging.getLogger(__name__)
-MAX_BYTES = 256 * 2**20  # models larger than this are not run for their shapes
+MAX_BYTES = 256 * 2**20  # models larger than this (weights on disk included) are not run for their shapes
 
 
 def unknown_tensors(model: onnx.ModelProto, *, dims: bool = False) -> list[str]:
@@ -95,7 +95,7 @@ def _has_subgraphs(model: onnx.ModelProto) -> bool:
 def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
     """ValueInfoProtos for the tensors ``names`` from two ORT runs (module docstring); [] when the model cannot
     be run on synthetic inputs."""
-    if not names or _too_big(model, MAX_BYTES) or _has_subgraphs(model):
+    if not names or _too_big(model, MAX_BYTES) or tensor_bytes(model) >= MAX_BYTES or _has_subgraphs(model):
         return []
     try:
         specs = input_specs(model)
@@ -221,11 +221,10 @@ def strict_failure(model: onnx.ModelProto) -> str | None:
 
 
 def _too_big(model: onnx.ModelProto, limit: int = _TWO_GB) -> bool:
-    """Whether ``model`` serialises to ``limit`` bytes or more (protobuf raises on ByteSize over 2 GB)."""
-    try:
-        return model.ByteSize() >= limit
-    except Exception:  # noqa: BLE001 - protobuf's size errors have no common type
-        return True
+    """Whether ``model`` holds ``limit`` bytes or more of tensors in the proto itself, which ONNX shape inference
+    would serialise (a model whose weights stay on disk holds only references). Not ``ByteSize``: protobuf computes
+    it by serialising the whole model, and raises over 2 GB."""
+    return inline_bytes(model) >= limit
 
 
 def _first_line(exc: Exception) -> str:

@@ -8,6 +8,7 @@ import json
 import resource
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_easier import model_io
+from onnx_easier import api, model_io
 from onnx_easier.cli import main
+from onnx_easier.errors import UnsupportedModelError
 
 
 def _external_mlp(folder: Path, width: int, layers: int, name: str = "mlp.onnx", scale: bool = True) -> Path:
@@ -121,6 +123,146 @@ def test_tensor_bytes_counts_external_data(tmp_path: Path) -> None:
     src = _external_mlp(tmp_path, 16, 2, scale=False)
     model = onnx.load(src, load_external_data=False)
     assert model_io.tensor_bytes(model) == 2 * 16 * 16 * 4
+
+
+def test_data_bytes_reads_no_data(tmp_path: Path) -> None:
+    """Sizes from external lengths and dims: raw, external, typed-field, 4-bit and attribute tensors."""
+    src = _external_mlp(tmp_path, 16, 2, scale=False)
+    model = onnx.load(src, load_external_data=False)
+    raw = onnx.numpy_helper.from_array(np.zeros((3, 5), np.float16), "h")
+    typed = helper.make_tensor("f", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    packed = helper.make_tensor("q", TensorProto.INT4, [5], bytes(3), raw=True)
+    assert [model_io.data_bytes(t) for t in (raw, packed)] == [30, 3]
+    assert model_io.data_bytes(typed) == typed.ByteSize()
+    model.graph.initializer.extend([raw, typed])
+    const = helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(8, np.int64)))
+    model.graph.node.insert(0, const)
+    weights = 2 * 16 * 16 * 4
+    assert model_io.tensor_bytes(model) == weights + 30 + typed.ByteSize()
+    assert model_io.inline_bytes(model) == 30 + typed.ByteSize() + 64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.bool_])
+def test_external_values_read_into_one_array(tmp_path: Path, monkeypatch, dtype: type) -> None:
+    """A weight left on disk reads back (through graphsurgeon) equal to onnx's reader, writable, at its offset."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 64)
+    values = (np.arange(48).reshape(6, 8) % 3).astype(dtype)
+    x = helper.make_tensor_value_info("x", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [6, 8])
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", x.type.tensor_type.elem_type, [6, 8])],
+                          [onnx.numpy_helper.from_array(np.zeros(300, np.float32), "pad"),
+                           onnx.numpy_helper.from_array(values, "w")])
+    path = tmp_path / "v.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path, save_as_external_data=True,
+              size_threshold=0)
+    model = model_io.load_model(path)
+    assert model_io.external_dir(model) is not None
+    w = model_io.to_graph(model).tensors()["w"]
+    got = w.values
+    assert got.flags.writeable and got.dtype == values.dtype
+    np.testing.assert_array_equal(got, values)
+
+
+def test_in_memory_models_that_need_a_path(tmp_path: Path, monkeypatch) -> None:
+    """A ModelProto with external references (no folder known) or over 2 GB in memory: one line saying to pass the
+    path, not the checker's 'Failed to serialize proto'."""
+    src = _external_mlp(tmp_path, 16, 2, scale=False)
+    with pytest.raises(UnsupportedModelError, match="pass the model's path"):
+        model_io.load_model(onnx.load(src, load_external_data=False))
+    monkeypatch.setattr(model_io, "_TWO_GB", 1024)
+    with pytest.raises(UnsupportedModelError, match="save_as_external_data=True"):
+        model_io.load_model(onnx.load(src))
+
+
+def test_external_constants_stay_on_disk(tmp_path: Path, monkeypatch) -> None:
+    """``onnx.save(..., convert_attribute=True)`` puts Constant values in the data file too: they count in the size
+    and become initializers that still refer to the data."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w)),
+                           helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])])
+    path = tmp_path / "c.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path, save_as_external_data=True,
+              convert_attribute=True, size_threshold=0)
+    model = model_io.load_model(path)
+    assert model_io.external_dir(model) is not None
+    (t,) = model.graph.initializer
+    assert t.name == "w" and t.data_location == TensorProto.EXTERNAL
+    x = np.ones((2, 32), np.float32)
+    np.testing.assert_allclose(model_io.make_session(model).run(None, {"x": x})[0], x @ w, rtol=1e-5)
+
+
+def test_failed_check_keeps_the_previous_output(tmp_path: Path, monkeypatch) -> None:
+    """The pair is checked under temporary names: a failure leaves an existing OUT and OUT.data as they were (the
+    data file was published before the check, and removed on failure, before)."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    src_dir = tmp_path / "in"
+    src_dir.mkdir()
+    model = model_io.load_model(_external_mlp(src_dir, 32, 2))
+    out = tmp_path / "o.onnx"
+    seen: list[set[str]] = []
+
+    def record(tmp: str) -> None:
+        seen.append({e.value for t in onnx.load(tmp, load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"})
+
+    model_io.save_model(model, out, record)
+    assert seen[0] != {"o.onnx.data"} and len(seen[0]) == 1  # checked while it referred to its temporary data
+    before = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
+
+    def refuse(tmp: str) -> None:
+        raise RuntimeError("verification failed")
+
+    with pytest.raises(RuntimeError):
+        model_io.save_model(model, out, refuse)
+    assert {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
+    np.testing.assert_allclose(_outputs(out, np.ones((2, 32), np.float32)),
+                               _outputs(src_dir / "mlp.onnx", np.ones((2, 32), np.float32)), rtol=1e-5)
+
+
+def test_output_never_replaces_the_inputs_data(tmp_path: Path, monkeypatch) -> None:
+    """OUT whose data file would be the input's data file: refused (exit 2, nothing changed), unless OUT is the
+    input itself (--overwrite), which replaces the pair after the check."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    src = _external_mlp(tmp_path, 32, 2, name="w.onnx")
+    other = tmp_path / "a.onnx"
+    other.write_bytes(src.read_bytes())  # a.onnx reads w.onnx.data; OUT=w.onnx would rewrite it
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    x = np.random.default_rng(1).standard_normal((16, 32)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    before["d.npz"] = _digest(tmp_path / "d.npz")
+    src.unlink()
+    assert main([str(other), str(src), "--data", str(tmp_path / "d.npz"), "--tolerance", "0", "-q"]) == 2
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == {k: v for k, v in before.items() if k != "w.onnx"}
+    src.write_bytes(other.read_bytes())
+    expected = _outputs(src, x[:4])
+    assert main([str(src), str(src), "--data", str(tmp_path / "d.npz"), "--tolerance", "0", "--overwrite",
+                 "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "d.npz", "w.onnx", "w.onnx.data"]
+    np.testing.assert_allclose(_outputs(src, x[:4]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_paper_mode_one_session_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """``--remove 0`` on a model whose weights stay on disk: exit 0, and the final comparison never holds two ORT
+    sessions (each would map the weights once more)."""
+    monkeypatch.setattr(model_io, "EXTERNAL_LIMIT", 4096)
+    src = _external_mlp(tmp_path, 32, 2)
+    live: list[weakref.ref] = []
+    most = [0]
+    real = api.make_session
+
+    def counted(model, **kw):
+        session = real(model, **kw)
+        live.append(weakref.ref(session))
+        most[0] = max(most[0], sum(r() is not None for r in live))
+        return session
+
+    monkeypatch.setattr(api, "make_session", counted)
+    assert main([str(src), str(tmp_path / "o.onnx"), "--remove", "0", "-q"]) == 0
+    assert most[0] == 1
+    assert (tmp_path / "o.onnx.data").exists()
 
 
 @pytest.mark.slow
