@@ -143,7 +143,7 @@ def _verification_message(figures: dict) -> str:
 
 
 def _sample_shapes(data: CalibrationData) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(arr.shape) for name, arr in data.arrays.items()}
+    return data.feed_shapes()  # whole feeds: their own shape, not the sample axis in front
 
 
 def analyze(

@@ -9,8 +9,8 @@ Definitions (the report's contract):
 - params: number of elements of all initializers of the main graph (overridable ones included);
 - macs: multiply-accumulates of the compute nodes (so none for a per-channel affine, in any spelling, as for the
   Mul/Add or BatchNormalization that compute the same) for ONE sample, from ONNX shape inference: a dynamic first
-  dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model with a fixed batch N
-  (``data.fixed_batch``) has its MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
+  dim is set to 1, other dynamic dims are taken from ``input_shapes``; a model whose every input fixes
+  axis 0 to N (``data.common_batch``) has its MACs divided by N. Nodes whose shapes cannot be inferred count 0 MACs (and ``macs_complete`` says so).
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 from onnx import shape_inference
 
-from onnx_easier.data import fixed_batch, input_specs
-from onnx_easier.errors import OnnxEasierError
+from onnx_easier.data import common_batch, input_specs
 from onnx_easier.shapes import fill_unknown
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -63,14 +62,20 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
         given = (input_shapes or {}).get(inp.name)
         dims = inp.type.tensor_type.shape.dim
         for i, d in enumerate(dims):
-            if d.HasField("dim_value"):
-                continue
+            if d.HasField("dim_value") and d.dim_value >= 0:
+                continue  # a negative size (Paddle's -1) is dynamic, as ONNX Runtime reads it
             if i == 0:
                 d.ClearField("dim_param")
                 d.dim_value = 1
-            elif given is not None and i < len(given) and not d.HasField("dim_value"):
+            elif given is not None and i < len(given):
                 d.ClearField("dim_param")
                 d.dim_value = int(given[i])
+            elif d.HasField("dim_value"):
+                d.ClearField("dim_value")
+    for out in m.graph.output:  # a declared -1 would stand for a size: unknown instead, for inference to fill
+        for d in out.type.tensor_type.shape.dim if out.type.HasField("tensor_type") else ():
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.ClearField("dim_value")
     del m.graph.value_info[:]
     try:
         inferred = shape_inference.infer_shapes(m, data_prop=True)
@@ -86,7 +91,8 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                         for d in vi.type.tensor_type.shape.dim)
             known = out.get(vi.name)
             if known is None or len(known) != len(dims):
                 out[vi.name] = dims
@@ -160,10 +166,7 @@ def measure(model: onnx.ModelProto, activations: int, input_shapes: dict[str, tu
             complete = False
         else:
             macs += m
-    try:
-        macs //= fixed_batch(input_specs(model)) or 1
-    except OnnxEasierError:  # inputs fix axis 0 to different sizes (state inputs): the MACs of one run
-        pass
+    macs //= common_batch(input_specs(model)) or 1  # else (state inputs [layers, N, H]...) the MACs of one run
     ops = Counter(n.op_type for n in model.graph.node)
     return Cost(
         nodes=len(model.graph.node),

@@ -166,6 +166,10 @@ class CalibrationData:
                 return
             yield {k: (v[i, ...] if k in self.whole else v[i:j]) for k, v in self.arrays.items()}
 
+    def feed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's shape in the ORT run of one sample: a whole feed's own shape, else ``(1, *sample shape)``."""
+        return {k: tuple(v.shape[1:]) if k in self.whole else (1, *v.shape[1:]) for k, v in self.arrays.items()}
+
     def take(self, indices: np.ndarray) -> CalibrationData:
         """The samples at ``indices`` (in that order) as their own CalibrationData (copies)."""
         arrays = {k: v[indices] for k, v in self.arrays.items()}
@@ -188,6 +192,14 @@ def fixed_batch(specs: list[InputSpec]) -> int | None:
             "sample axis, so it cannot feed this model"
         )
     return next(iter(fixed.values()), None)
+
+
+def common_batch(specs: list[InputSpec]) -> int | None:
+    """N when every input of rank >= 1 fixes axis 0 to the same N (a batch they all carry), else None: a fixed axis
+    0 beside a dynamic one may be no batch at all (a recurrent state ``[layers, N, H]`` beside ``x [N, T, C]``)."""
+    firsts = {s.shape[0] if s.ranked and s.shape else None for s in specs if not s.scalar}
+    n = next(iter(firsts)) if len(firsts) == 1 else None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def batch_multiple(specs: list[InputSpec], data: CalibrationData) -> int | None:
@@ -247,45 +259,107 @@ def load_data(
     return CalibrationData(source, n, arrays, synthetic=path is None, whole=whole)
 
 
-def load_feeds(feeds: Iterable[Mapping[str, np.ndarray]] | object, specs: list[InputSpec], *,
-               samples: int | None = None) -> CalibrationData:
-    """Calibration data from feed dicts: an iterable of ``{input name: array}`` (one whole feed each, as ORT's
-    ``run`` takes it) or an object with ``get_next()`` returning such dicts and then None (ONNX Runtime
-    quantization's ``CalibrationDataReader``), so existing calibration code plugs in. The feeds are read once and
-    kept (the tool makes several passes over the data); at most ``samples`` of them. Every feed of an input must
-    have the same shape (they are stacked into one whole-feed array)."""
+def load_feeds(
+    feeds: Iterable[Mapping[str, object]] | Mapping[str, object] | object,
+    specs: list[InputSpec],
+    *,
+    samples: int | None = None,
+) -> CalibrationData:
+    """Calibration data handed over in memory, checked against the model's inputs.
+
+    feeds: an iterable of ``{input name: array}`` dicts, one whole feed each (as ``session.run`` takes it), or an
+    object whose ``get_next()`` returns such dicts and then None (ONNX Runtime quantization's
+    ``CalibrationDataReader``), so existing calibration code plugs in; or one dict of arrays laid out like an
+    ``.npz`` (samples on axis 0, module doc). At most ``samples`` feeds are read.
+
+    The feeds are read once and kept: each array is copied as it arrives (a reader may refill one buffer), then
+    stacked into one whole-feed array per input (peak memory about twice the feeds, for a moment); the tool makes
+    several passes over them. Every feed of an input must have the shape and type of the first, except the last,
+    which is left out with a warning when its shapes differ (the shorter last batch of a batching reader). The first
+    feed is checked against the model before the rest is read.
+    """
     if samples is not None and samples < 1:
         raise BadArgumentError(f"--samples {samples}: give a positive number of samples")
-    if hasattr(feeds, "get_next"):
+    if isinstance(feeds, Mapping):
+        arrays = {str(k): np.asarray(v) for k, v in feeds.items()}
+        arrays, whole = _check(arrays, specs, _resolve_shapes(specs, {}), "<arrays>", samples)
+        return CalibrationData("<arrays>", next(iter(arrays.values())).shape[0], arrays, whole=whole)
+    if callable(getattr(feeds, "get_next", None)):
         reader = feeds
-        feeds = iter(lambda: reader.get_next(), None)  # type: ignore[attr-defined]
-    elif isinstance(feeds, Mapping) or not isinstance(feeds, Iterable):
-        raise BadDataError("calibration feeds must be an iterable of {input name: array} dicts or a "
-                           "CalibrationDataReader (get_next())")
-    got: list[Mapping[str, np.ndarray]] = []
-    for feed in feeds:
+        stream: Iterator[object] = iter(lambda: reader.get_next(), None)  # type: ignore[attr-defined]
+    elif isinstance(feeds, Iterable) and not isinstance(feeds, (str, bytes)):
+        stream = iter(feeds)
+    else:
+        raise BadDataError(
+            f"calibration data of type {type(feeds).__name__}: give a path, an iterable of {{input name: array}} "
+            "dicts, a CalibrationDataReader (get_next()) or a dict of arrays"
+        )
+    shapes = _resolve_shapes(specs, {})
+    parts: dict[str, list[np.ndarray]] = {}
+    odd: tuple[int, str] | None = None  # a feed unlike the first: left out if it is the last
+    count = 0
+    for i, feed in enumerate(stream):
         if not isinstance(feed, Mapping):
-            raise BadDataError(f"feed {len(got)} is a {type(feed).__name__}, not a dict of input name -> array")
-        got.append(feed)
-        if samples is not None and len(got) >= samples:
+            raise BadDataError(f"feed {i} is a {type(feed).__name__}, not a dict of input name -> array")
+        if odd is not None:
+            raise BadDataError(
+                f"feed {odd[0]} {odd[1]}; every feed must have the shapes of feed 0 (only the last may differ: it "
+                "is then left out)"
+            )
+        arrays = {str(k): np.array(v) for k, v in feed.items()}  # copies
+        if not parts:
+            _check({k: v[None] for k, v in arrays.items()}, specs, shapes, "feed 0", None, feeds_only=True)
+            parts = {k: [v] for k, v in arrays.items()}
+        else:
+            kind, unlike = _unlike(arrays, {k: v[0] for k, v in parts.items()})
+            if kind == "inputs":
+                raise BadDataError(f"feed {i} {unlike}; every feed must hold the inputs of feed 0")
+            if kind == "dtype":
+                raise BadDataError(f"feed {i} {unlike}; give every feed the types of feed 0")
+            if kind == "shape":
+                odd = (i, unlike)
+                continue
+            for k, v in arrays.items():
+                parts[k].append(v)
+        count += 1
+        if samples is not None and count >= samples:
             break
-    if not got:
+    if not parts:
         raise BadDataError("the calibration feeds are empty; give at least one feed")
-    arrays: dict[str, np.ndarray] = {}
-    for name in dict.fromkeys(k for f in got for k in f):
-        try:
-            parts = [np.asarray(f[name]) for f in got]
-        except KeyError:
-            missing = next(i for i, f in enumerate(got) if name not in f)
-            raise BadDataError(f"feed {missing} has no input {name!r}; every feed must hold every input") from None
-        shapes = {p.shape for p in parts}
-        if len(shapes) > 1:
-            raise BadDataError(f"the feeds of input {name!r} have different shapes {sorted(shapes)[:3]}; "
-                               "give feeds of one shape per input")
-        arrays[name] = np.stack(parts)
-    source = f"<{len(got)} feeds>"
-    arrays, whole = _check(arrays, specs, _resolve_shapes(specs, {}), source, None, feeds_only=True)
-    return CalibrationData(source, len(got), arrays, whole=whole)
+    if odd is not None:
+        log.warning("feed %d %s: left out (a shorter last batch?); %d feed(s) kept", odd[0], odd[1], count)
+    source = f"<{count} feeds>"
+    stacked = {k: _stack(v) for k, v in parts.items()}
+    del parts
+    stacked, whole = _check(stacked, specs, shapes, source, None, feeds_only=True)
+    return CalibrationData(source, count, stacked, whole=whole)
+
+
+def _unlike(feed: dict[str, np.ndarray], first: dict[str, np.ndarray]) -> tuple[str, str]:
+    """How ``feed`` differs from the first feed: ("inputs" | "dtype" | "shape", the rest of a sentence "feed i ..."),
+    or ("", "") when it does not."""
+    missing = [k for k in first if k not in feed]
+    if missing:
+        return "inputs", f"has no input {missing[0]!r}"
+    extra = [k for k in feed if k not in first]
+    if extra:
+        return "inputs", f"holds input {extra[0]!r}, which feed 0 does not"
+    for k, v in feed.items():
+        if v.dtype != first[k].dtype:
+            return "dtype", f"gives input {k!r} as {v.dtype}, feed 0 as {first[k].dtype}"
+    for k, v in feed.items():
+        if v.shape != first[k].shape:
+            return "shape", f"gives input {k!r} the shape {tuple(v.shape)}, feed 0 {tuple(first[k].shape)}"
+    return "", ""
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(parts)``, releasing each part once copied (peak: the result and the parts not yet copied)."""
+    out = np.empty((len(parts), *parts[0].shape), parts[0].dtype)
+    for i in range(len(parts)):
+        out[i] = parts[i]
+        parts[i] = None  # type: ignore[call-overload]
+    return out
 
 
 # --- shapes -------------------------------------------------------------------------------------------------------
@@ -422,26 +496,37 @@ def _read_folder(path: Path, specs: list[InputSpec], limit: int | None) -> dict[
 def _random_arrays(
     specs: list[InputSpec], shapes: dict[str, tuple[Dim, ...] | None], samples: int | None, seed: int
 ) -> dict[str, np.ndarray]:
-    fixed = fixed_batch(specs)
+    """Standard-normal floats, integers in [0, 10), fair booleans. In batches (samples on the model's axis 0) unless
+    ``_random_feeds`` says the model cannot take them; then whole feeds, each of the full input shape."""
+    for s in specs:
+        if shapes[s.name] is None:
+            raise BadDataError(
+                f"input {s.name!r} has no known rank; pass --input-shape {s.name}:d0,d1,... to make random data"
+            )
+    feeds = _random_feeds(specs)
+    fixed = None if feeds else fixed_batch(specs)
     if samples is None:
         samples = DEFAULT_RANDOM_SAMPLES
         if fixed:  # whole batches only
             samples = max(fixed, samples // fixed * fixed)
+    sizes = _symbol_sizes(specs, shapes) if feeds else {}
     rng = np.random.default_rng(seed)
     arrays = {}
     for s in specs:
         shape = shapes[s.name]
-        if shape is None:
-            raise BadDataError(
-                f"input {s.name!r} has no known rank; pass --input-shape {s.name}:d0,d1,... to make random data"
-            )
-        dynamic = [axis for axis, d in enumerate(shape) if axis > 0 and not isinstance(d, int)]
+        assert shape is not None
+        if feeds:
+            # a named dim takes its size from --input-shape of any input; an unnamed dynamic axis 0 (a batch) is 1
+            shape = tuple(sizes.get(d) if isinstance(d, str) else 1 if d is None and axis == 0 else d
+                          for axis, d in enumerate(shape))
+        dynamic = [axis for axis, d in enumerate(shape) if (feeds or axis > 0) and not isinstance(d, int)]
         if dynamic:
+            whole = " (its whole shape: random data for this model is whole feeds)" if feeds else ""
             raise BadDataError(
-                f"input {s.name!r} {_show(shape)} has dynamic axes {dynamic}; pass --input-shape "
-                f"{s.name}:d0,d1,... (or give calibration data)"
+                f"input {s.name!r} {_show(shapes[s.name])} has dynamic axes {dynamic}; pass --input-shape "
+                f"{s.name}:d0,d1,...{whole} (or give calibration data)"
             )
-        full = (samples, *shape[1:])
+        full = (samples, *shape) if feeds else (samples, *shape[1:])
         kind = s.dtype.kind
         if kind == "f" and s.dtype.itemsize in (2, 4, 8):
             arrays[s.name] = rng.standard_normal(full, dtype=np.float64 if s.dtype.itemsize == 8 else np.float32)
@@ -458,6 +543,34 @@ def _random_arrays(
     return arrays
 
 
+def _random_feeds(specs: list[InputSpec]) -> bool:
+    """Whether random data must be whole feeds because samples on every input's axis 0 cannot feed the model: a
+    scalar input (the data is then fed one sample at a time, and an input that fixes axis 0 above 1 would get 1),
+    inputs that fix axis 0 to different sizes, or a named dim on axis 0 of one input and on a later axis of another
+    (a recurrent model's ``x [N, T, C]`` beside ``state [layers, N, H]``)."""
+    ranked = [s for s in specs if s.ranked]
+    if any(s.scalar for s in ranked):
+        return True
+    if len({s.shape[0] for s in ranked if isinstance(s.shape[0], int)}) > 1:
+        return True
+    first = {s.shape[0] for s in ranked if isinstance(s.shape[0], str)}
+    return any(d in first for s in ranked for d in s.shape[1:])
+
+
+def _symbol_sizes(specs: list[InputSpec], shapes: dict[str, tuple[Dim, ...] | None]) -> dict[str, int]:
+    """The size of every ``dim_param`` name: from the inputs that ``--input-shape`` made concrete, else 1 for a name
+    on some input's axis 0 (the batch of one feed)."""
+    sizes: dict[str, int] = {}
+    for s in specs:
+        for want, got in zip(s.shape, shapes[s.name] or ()):
+            if isinstance(want, str) and isinstance(got, int):
+                sizes.setdefault(want, got)
+    for s in specs:
+        if s.ranked and s.shape and isinstance(s.shape[0], str):
+            sizes.setdefault(s.shape[0], 1)
+    return sizes
+
+
 # --- checking -----------------------------------------------------------------------------------------------------
 
 
@@ -471,13 +584,19 @@ def _check(
     feeds_only: bool = False,
 ) -> tuple[dict[str, np.ndarray], frozenset[str]]:
     """The arrays checked against the inputs (same-kind casts applied) and the names of those holding whole feeds
-    (module doc; all of them with ``feeds_only``)."""
+    (module doc; all of them with ``feeds_only``, whose messages then speak of one feed's shape).
+
+    Every model axis is checked as ONE ORT run sees it: a whole feed as it is; samples on axis 0 one at a time when
+    any input holds whole feeds (the model's axis 0 is then 1), else in batches (axis 0 unchecked but for a fixed
+    batch size). Only equal ``dim_param`` names must agree; unnamed dynamic dims never do.
+    """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
+    keyed = "every feed must hold every input" if feeds_only else "key the arrays by input name"
     if missing:
         raise BadDataError(
             f"{source}: no data for input(s) {', '.join(map(repr, missing))}; the model's inputs are: "
-            f"{', '.join(names)} (key the arrays by input name)"
+            f"{', '.join(names)} ({keyed})"
         )
     extra = [k for k in arrays if k not in names]
     if extra:
@@ -485,38 +604,20 @@ def _check(
             f"{source}: data for unknown input(s) {', '.join(map(repr, extra))}; the model's inputs are: "
             f"{', '.join(names)}"
         )
-    out: dict[str, np.ndarray] = {}
-    whole: set[str] = set()
+    for s in specs:
+        if arrays[s.name].dtype.kind not in "biuf":
+            raise BadDataError(f"{source}: input {s.name!r} is an array of {arrays[s.name].dtype}; give numbers")
+    whole = frozenset(s.name for s in specs if _check_shape(arrays[s.name], s, shapes[s.name], source, feeds_only))
     symbols: dict[str, tuple[int, str]] = {}
+    out: dict[str, np.ndarray] = {}
     for s in specs:
         arr = arrays[s.name]
-        if arr.dtype.kind not in "biuf":
-            raise BadDataError(f"{source}: input {s.name!r} is an array of {arr.dtype}; give numbers")
-        shape = shapes[s.name]
-        feeds = _check_shape(arr, s, shape, source, feeds_only)
-        if feeds:
-            whole.add(s.name)
         if limit is not None and limit < arr.shape[0]:
             # a copy lets the rest of an in-memory array go; a memory-mapped one reads only what is used
             arr = arr[:limit] if isinstance(arr, np.memmap) else arr[:limit].copy()
+        shape = shapes[s.name]
         if shape is not None:
-            per_sample = arr.shape[1:] if feeds else arr.shape  # whole feeds: every axis is the model's
-            for axis, (want, got) in enumerate(zip(shape, per_sample)):
-                if axis == 0 and not feeds:
-                    continue
-                if isinstance(want, int) and want != got:
-                    layout = "axis 0 = samples, then one whole feed" if feeds else "axis 0 = samples"
-                    raise BadDataError(
-                        f"{source}: input {s.name!r} has shape {tuple(arr.shape)} but the model expects "
-                        f"{_show(shape)} ({layout}): model axis {axis} is {got}, expected {want}"
-                    )
-                if isinstance(want, str):
-                    size, other = symbols.setdefault(want, (got, s.name))
-                    if size != got:
-                        raise BadDataError(
-                            f"{source}: inputs {other!r} and {s.name!r} disagree on dimension {want!r} "
-                            f"({size} vs {got}); the model needs them equal"
-                        )
+            _check_dims(arr, s, shape, whole, symbols, source, feeds_only)
         out[s.name] = _convert(arr, s, source)
     counts = {k: v.shape[0] for k, v in out.items()}
     if len(set(counts.values())) > 1:
@@ -531,13 +632,51 @@ def _check(
         raise BadDataError(
             f"{source}: {n} sample(s), but the model fixes its batch axis to {fixed}; give at least {fixed} samples"
         )
-    return out, frozenset(whole)
+    return out, whole
+
+
+def _check_dims(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...], whole: frozenset[str],
+                symbols: dict[str, tuple[int, str]], source: str, feeds_only: bool) -> None:
+    """Check ``arr``'s axes against the model's ``shape`` as one ORT run sees them (``_check``); ``symbols`` collects
+    the size of every ``dim_param`` name and the input that set it."""
+    feeds = s.name in whole
+    run: tuple[int | None, ...] = tuple(arr.shape[1:]) if feeds else (1 if whole else None, *arr.shape[1:])
+    for axis, (want, got) in enumerate(zip(shape, run)):
+        if got is None or want is None:
+            continue
+        if isinstance(want, int) and want != got:
+            if not feeds and axis == 0:
+                other = sorted(whole)[0]
+                raise BadDataError(
+                    f"{source}: input {s.name!r} holds samples on the model's axis 0, which the model fixes to {want} "
+                    f"{_show(shape)}, but {other!r} holds whole feeds, so every ORT run takes one sample; give "
+                    f"{s.name!r} whole feeds too (one more axis than the model input: [S,{_show(shape)[1:]})"
+                )
+            if feeds_only:
+                raise BadDataError(
+                    f"{source}: input {s.name!r}: a feed of shape {tuple(run)} but the model expects {_show(shape)}: "
+                    f"axis {axis} is {got}, expected {want}"
+                )
+            layout = "axis 0 = samples, then one whole feed" if feeds else "axis 0 = samples"
+            raise BadDataError(
+                f"{source}: input {s.name!r} has shape {tuple(arr.shape)} but the model expects "
+                f"{_show(shape)} ({layout}): model axis {axis} is {got}, expected {want}"
+            )
+        if isinstance(want, str):
+            size, other = symbols.setdefault(want, (got, s.name))
+            if size != got:
+                one = "" if feeds_only or not whole else " in one ORT run (one sample: whole feeds are fed one at a time)"
+                raise BadDataError(
+                    f"{source}: inputs {other!r} and {s.name!r} disagree on dimension {want!r} "
+                    f"({size} vs {got}{one}); the model needs them equal"
+                )
 
 
 def _check_shape(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...] | None, source: str,
                  feeds_only: bool = False) -> bool:
     """Check the rank of ``arr`` for input ``s``; True when it holds whole feeds (one axis more than the model's
-    input; a scalar's 1-D array), False for batches (the model's rank, samples on the model's axis 0)."""
+    input; a scalar's 1-D array), False for batches (the model's rank, samples on the model's axis 0). An input of
+    unknown rank takes batches (whole feeds with ``feeds_only``)."""
     if arr.ndim == 0:
         raise BadDataError(f"{source}: input {s.name!r} is a 0-d array; put the samples on axis 0")
     if arr.shape[0] == 0:
@@ -549,10 +688,15 @@ def _check_shape(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...] | None, s
         return True
     if arr.ndim == rank and rank > 0 and not feeds_only:
         return False
+    if feeds_only:
+        raise BadDataError(
+            f"{source}: input {s.name!r}: a feed of shape {tuple(arr.shape[1:])} (rank {arr.ndim - 1}) but the "
+            f"model's input is {_show(shape)} (rank {rank})"
+        )
     hint = " (a scalar input takes one value per sample: a 1-D array)" if s.scalar else ""
     if arr.ndim < rank:
         hint = "; add the sample axis in front (x[None] for one sample)"
-    layouts = (f"rank {rank + 1} (axis 0 = samples, each one whole feed)" if feeds_only or rank == 0 else
+    layouts = (f"rank {rank + 1} (axis 0 = samples, each one whole feed)" if rank == 0 else
                f"rank {rank} (samples on the model's axis 0) or {rank + 1} (axis 0 = samples, each one whole feed)")
     raise BadDataError(
         f"{source}: input {s.name!r} has rank {arr.ndim} {tuple(arr.shape)} but the model's input is "

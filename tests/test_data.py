@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from onnx_easier.data import (
     choose_batch_size,
     input_specs,
     load_data,
+    load_feeds,
     parse_input_shapes,
 )
 from onnx_easier.errors import BadArgumentError, BadDataError, UnsupportedModelError
@@ -295,10 +298,14 @@ def test_fixed_batch_needs_enough_samples(tmp_path: Path) -> None:
     assert data.samples == 10 and choose_batch_size(specs, data) == 4
 
 
-def test_conflicting_fixed_batches() -> None:
+def test_conflicting_fixed_batches(tmp_path: Path) -> None:
+    """Samples on axis 0 cannot feed inputs that fix it to different sizes; whole feeds can (random data is then
+    made as whole feeds)."""
     specs = _specs([("a", F32, [4, 2]), ("b", F32, [2, 2])])
     with pytest.raises(BadDataError, match=r"inputs fix axis 0 to different sizes \(a: 4, b: 2\)"):
-        load_data(None, specs)
+        load_data(_npz(tmp_path, a=np.zeros((8, 2), np.float32), b=np.zeros((8, 2), np.float32)), specs)
+    data = load_data(None, specs, samples=3)
+    assert data.whole == {"a", "b"} and data.arrays["a"].shape == (3, 4, 2) and data.arrays["b"].shape == (3, 2, 2)
 
 
 # --- random data --------------------------------------------------------------------------------------------------
@@ -360,7 +367,7 @@ def test_random_unsupported_dtype() -> None:
 def test_scalar_input() -> None:
     specs = _specs([("x", F32, ["N", 2]), ("t", F32, [])])
     data = load_data(None, specs, samples=3)
-    assert data.arrays["t"].shape == (3,) and data.whole == {"t"}
+    assert data.arrays["t"].shape == (3,) and data.whole == {"x", "t"}  # random data: whole feeds
     assert choose_batch_size(specs, data) == 1
     feeds = list(data.batches(1))
     assert (
@@ -412,10 +419,10 @@ def test_choose_batch_size_dynamic() -> None:
 
 
 def _paddle_model() -> onnx.ModelProto:
-    """A Paddle-style input ``x: [-1, 3, ?, ?]`` (dim_value -1, then two dims whose dim_param is ``?``) into a
-    Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm classifier."""
+    """A Paddle-style input ``x: [-1, 3, ?, ?]`` (dim_value -1, then two dims with neither a value nor a name) into
+    a Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm classifier whose output is declared ``[-1, 5]``."""
     rng = np.random.default_rng(0)
-    x = helper.make_tensor_value_info("x", F32, [-1, 3, "?", "?"])
+    x = helper.make_tensor_value_info("x", F32, [-1, 3, None, None])
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
              helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1)]
@@ -427,26 +434,57 @@ def _paddle_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
 
 
+PADDLE_MACS = 4 * 3 * 9 * 48 * 192 + 4 * 5  # Conv over 48x192 (pads keep the size), Gemm 4 -> 5
+
+
 def test_negative_and_placeholder_dims_are_dynamic_and_unnamed() -> None:
     (spec,) = input_specs(_paddle_model())
     assert spec.shape == (None, 3, None, None)
+    specs = _specs([("a", F32, [-1, "?", "-1", "N", 0])])
+    assert specs[0].shape == (None, None, None, "N", 0)  # 0 is a size (an empty axis), not a dynamic dim
+
+
+def test_paddle_random_data_needs_only_its_unnamed_dims(tmp_path: Path) -> None:
+    """The -1 batch is dynamic: ``--input-shape x:1,3,48,192`` is taken and without it only the two unnamed
+    spatial axes are asked for; the run goes through, with the MACs of one 48x192 sample."""
+    from onnx_easier.cli import main
+
+    specs = input_specs(_paddle_model())
+    with pytest.raises(BadDataError, match=r"input 'x' \[\?,3,\?,\?\] has dynamic axes \[2, 3\]; pass --input-shape"):
+        load_data(None, specs)
+    data = load_data(None, specs, samples=4, input_shapes={"x": (1, 3, 48, 192)})
+    assert data.arrays["x"].shape == (4, 3, 48, 192) and not data.whole
+    model, out, rep = tmp_path / "paddle.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(_paddle_model(), model)
+    argv = [str(model), str(out), "--input-shape", "x:1,3,48,192", "--samples", "8", "--tolerance", "0", "-q"]
+    assert main([*argv, "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["before"]["macs"] == report["after"]["macs"] == PADDLE_MACS
 
 
 def test_paddle_input_shape_and_data(tmp_path: Path) -> None:
-    """``--input-shape x:1,3,48,192`` is taken (the -1 is dynamic); data [N,3,48,192] is taken (the two ``?``
-    dims need not agree); the model runs through the whole tool in both modes."""
+    """Data [N,3,48,192] is taken (the two unnamed dims need not agree); the model runs through the whole tool in
+    both modes, its MACs counted for one sample."""
     from onnx_easier.api import optimize
 
     specs = input_specs(_paddle_model())
-    data = load_data(None, specs, samples=4, input_shapes={"x": (1, 3, 48, 192)})
-    assert data.arrays["x"].shape == (4, 3, 48, 192)
     path = _npz(tmp_path, x=np.random.default_rng(1).standard_normal((24, 3, 48, 192)).astype(np.float32))
     assert load_data(path, specs).samples == 24
     model = tmp_path / "paddle.onnx"
     onnx.save(_paddle_model(), model)
     for tolerance in (0.0, 0.01):
         result = optimize(model, path, tolerance=tolerance)
+        assert result.report["before"]["macs"] == PADDLE_MACS and result.report["after"]["macs"] > 0
         assert result.write(tmp_path / f"out{tolerance}.onnx")["ok"]
+
+
+def test_unnamed_dims_are_independent_named_ones_tie(tmp_path: Path) -> None:
+    specs = _specs([("a", F32, [-1, "?", None]), ("b", F32, ["N", "L", "L"])])
+    path = _npz(tmp_path, a=np.zeros((2, 5, 7), np.float32), b=np.zeros((2, 6, 6), np.float32))
+    assert load_data(path, specs).samples == 2
+    path = _npz(tmp_path, a=np.zeros((2, 5, 7), np.float32), b=np.zeros((2, 6, 5), np.float32))
+    with pytest.raises(BadDataError, match=r"inputs 'b' and 'b' disagree on dimension 'L' \(6 vs 5\)"):
+        load_data(path, specs)
 
 
 def _recurrent_model() -> onnx.ModelProto:
@@ -466,6 +504,9 @@ def _recurrent_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+RECURRENT_MACS = 8 * 4 + 4 * 2  # one feed: input [1, 8] @ W [8, 4], h [1, 4] @ V [4, 2]
+
+
 def _recurrent_feeds(n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     return {"input": rng.standard_normal((n, 1, 8)).astype(np.float32),
@@ -473,9 +514,15 @@ def _recurrent_feeds(n: int) -> dict[str, np.ndarray]:
             "sr": np.full(n, 16000, np.int64)}
 
 
+def _feed_list(n: int) -> list[dict[str, np.ndarray]]:
+    arrays = _recurrent_feeds(n)
+    return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+
+
 def test_whole_feeds_for_a_state_input(tmp_path: Path) -> None:
     """One more axis than the model input: each arr[i] is one feed, fed as it is (state's batch is axis 1, the
-    model's axis 0 is fixed to 2 there: no samples-on-axis-0 layout can feed it)."""
+    model's axis 0 is fixed to 2 there: no samples-on-axis-0 layout can feed it). The CLI runs both modes on an
+    .npz of whole feeds; the MACs are those of one feed (state's fixed 2 is no batch to divide by)."""
     from onnx_easier.cli import main
 
     specs = input_specs(_recurrent_model())
@@ -483,15 +530,17 @@ def test_whole_feeds_for_a_state_input(tmp_path: Path) -> None:
     assert data.whole == {"input", "state", "sr"} and data.feedwise
     feed = next(data.batches(1))
     assert feed["state"].shape == (2, 1, 4) and feed["input"].shape == (1, 8) and feed["sr"].shape == ()
+    assert data.feed_shapes() == {"input": (1, 8), "state": (2, 1, 4), "sr": ()}
     with pytest.raises(ValueError, match="whole feeds"):
         next(data.batches(2))
     model = tmp_path / "vad.onnx"
     onnx.save(_recurrent_model(), model)
     npz = _npz(tmp_path, **_recurrent_feeds(40))
     for extra in (["--tolerance", "0"], []):
-        out = tmp_path / f"out{len(extra)}.onnx"
-        assert main([str(model), str(out), "--data", npz, "-q", *extra]) == 0
+        out, rep = tmp_path / f"out{len(extra)}.onnx", tmp_path / f"r{len(extra)}.json"
+        assert main([str(model), str(out), "--data", npz, "--report", str(rep), "-q", *extra]) == 0
         assert [i.name for i in onnx.load(out).graph.input] == ["input", "state", "sr"]
+        assert json.loads(rep.read_text())["before"]["macs"] == RECURRENT_MACS
 
 
 def test_whole_feed_shape_is_checked_on_every_model_axis(tmp_path: Path) -> None:
@@ -501,15 +550,81 @@ def test_whole_feed_shape_is_checked_on_every_model_axis(tmp_path: Path) -> None
         load_data(_npz(tmp_path, **feeds), input_specs(_recurrent_model()))
 
 
+def test_samples_on_axis_0_beside_whole_feeds_are_fed_one_at_a_time(tmp_path: Path) -> None:
+    """Whole feeds run one sample per ORT run, so an input given as samples on axis 0 is fed with axis 0 = 1: a
+    model that fixes it to 2 is told at once (not by ORT mid-calibration), and a named dim must agree at 1."""
+    feeds = _recurrent_feeds(4)
+    feeds["state"] = feeds["state"][:, 0]  # [S, 1, 4]: samples on axis 0, which the model fixes to 2
+    with pytest.raises(BadDataError, match=r"input 'state' holds samples on the model's axis 0, which the model "
+                                           r"fixes to 2 \[2,\?,4\], but 'input' holds whole feeds.*\[S,2,\?,4\]"):
+        load_data(_npz(tmp_path, **feeds), input_specs(_recurrent_model()))
+    specs = _specs([("x", F32, ["N", 8]), ("state", F32, [2, "N", 4])])
+    path = _npz(tmp_path, x=np.zeros((4, 8), np.float32), state=np.zeros((4, 2, 3, 4), np.float32))
+    with pytest.raises(BadDataError, match=r"disagree on dimension 'N' \(1 vs 3 in one ORT run"):
+        load_data(path, specs)
+    path = _npz(tmp_path, x=np.zeros((4, 8), np.float32), state=np.zeros((4, 2, 1, 4), np.float32))
+    assert load_data(path, specs).whole == {"state"}
+
+
+def test_random_data_for_state_inputs_is_whole_feeds() -> None:
+    """A model that samples on axis 0 cannot feed (a scalar input, a state [2, ?, 4]) gets random whole feeds of
+    the full input shapes; the unnamed batch of ``input`` defaults to 1, ``state``'s axis 1 is asked for."""
+    from onnx_easier.api import optimize
+
+    specs = input_specs(_recurrent_model())
+    with pytest.raises(BadDataError, match=r"input 'state' \[2,\?,4\] has dynamic axes \[1\]; pass --input-shape "
+                                           r"state:d0,d1,\.\.\. \(its whole shape"):
+        load_data(None, specs, input_shapes={"input": (1, 8)})
+    shapes = {"input": (1, 8), "state": (2, 1, 4)}
+    data = load_data(None, specs, samples=5, input_shapes=shapes)
+    assert data.whole == {"input", "state", "sr"}
+    assert {k: v.shape for k, v in data.arrays.items()} == {"input": (5, 1, 8), "state": (5, 2, 1, 4), "sr": (5,)}
+    result = optimize(_recurrent_model(), None, input_shapes=shapes, samples=16)
+    assert result.report["data"]["synthetic"] and result.report["before"]["macs"] == RECURRENT_MACS
+
+
+def _gru_model() -> onnx.ModelProto:
+    """An ONNX GRU (layout 0): ``x [5, N, 3]`` (time, batch, features) and ``h0 [1, N, 4]``, both with the batch on
+    axis 1; ``y = Relu(Y_h[0]) @ W``."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("GRU", ["x", "gw", "gr", "gb", "", "h0"], ["", "yh"], hidden_size=4),
+             helper.make_node("Squeeze", ["yh", "axes"], ["hs"]), helper.make_node("Relu", ["hs"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["y"])]
+    inits = [numpy_helper.from_array((0.5 * rng.standard_normal(shape)).astype(np.float32), name)
+             for name, shape in (("gw", (1, 12, 3)), ("gr", (1, 12, 4)), ("gb", (1, 24)), ("W", (4, 2)))]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    g = helper.make_graph(nodes, "gru", [helper.make_tensor_value_info("x", F32, [5, "N", 3]),
+                                         helper.make_tensor_value_info("h0", F32, [1, "N", 4])],
+                          [helper.make_tensor_value_info("y", F32, ["N", 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gru_state_input_end_to_end(tmp_path: Path) -> None:
+    """A GRU's input and state: whole feeds from an .npz through the CLI (both modes), and random whole feeds
+    where ``--input-shape x:5,1,3`` sizes the named batch ``N`` of ``h0`` too."""
+    from onnx_easier.cli import main
+
+    rng = np.random.default_rng(5)
+    npz = _npz(tmp_path, x=rng.standard_normal((32, 5, 1, 3)).astype(np.float32),
+               h0=(0.3 * rng.standard_normal((32, 1, 1, 4))).astype(np.float32))
+    model = tmp_path / "gru.onnx"
+    onnx.save(_gru_model(), model)
+    for extra in (["--tolerance", "0"], [], ["--input-shape", "x:5,1,3", "--samples", "16"]):
+        out = tmp_path / f"out{len(extra)}.onnx"
+        data = [] if "--input-shape" in extra else ["--data", npz]
+        assert main([str(model), str(out), *data, "-q", *extra]) == 0
+        assert [i.name for i in onnx.load(out).graph.input] == ["x", "h0"]
+    data = load_data(None, input_specs(_gru_model()), samples=3, input_shapes={"x": (5, 1, 3)})
+    assert data.arrays["h0"].shape == (3, 1, 1, 4) and data.whole == {"x", "h0"}
+
+
 def test_feed_dicts_and_calibration_data_reader(tmp_path: Path) -> None:
-    """The Python API takes an iterable of feed dicts and ORT quantization's CalibrationDataReader."""
+    """The Python API takes an iterable of feed dicts and ORT quantization's CalibrationDataReader, in both modes."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    from onnx_easier.api import optimize
-    from onnx_easier.data import load_feeds
+    from onnx_easier.api import analyze, optimize
 
-    arrays = _recurrent_feeds(24)
-    feeds = [{k: v[i] for k, v in arrays.items()} for i in range(24)]
+    feeds = _feed_list(24)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -520,16 +635,82 @@ def test_feed_dicts_and_calibration_data_reader(tmp_path: Path) -> None:
 
     specs = input_specs(_recurrent_model())
     data = load_feeds(Reader(), specs, samples=10)
-    assert data.samples == 10 and data.arrays["state"].shape == (10, 2, 1, 4)
+    assert data.samples == 10 and data.arrays["state"].shape == (10, 2, 1, 4) and data.source == "<10 feeds>"
+    np.testing.assert_array_equal(data.arrays["input"][3], feeds[3]["input"])
     model = tmp_path / "vad.onnx"
     onnx.save(_recurrent_model(), model)
     result = optimize(model, Reader(), tolerance=0)
-    assert result.report["data"]["samples"] == 24
+    assert result.report["data"]["samples"] == 24 and result.report["before"]["macs"] == RECURRENT_MACS
     assert result.write(tmp_path / "o.onnx")["ok"]
+    assert optimize(model, Reader()).write(tmp_path / "o2.onnx")["ok"]
     assert optimize(model, iter(feeds), tolerance=0).report["data"]["samples"] == 24
-    with pytest.raises(BadDataError, match="feed 3 has no input 'sr'"):
-        load_feeds([*feeds[:3], {"input": feeds[0]["input"], "state": feeds[0]["state"]}], specs)
-    with pytest.raises(BadDataError, match="different shapes"):
-        load_feeds([feeds[0], {**feeds[1], "input": np.zeros((2, 8), np.float32)}], specs)
-    with pytest.raises(BadDataError, match="iterable of"):
-        load_feeds(feeds[0], specs)
+    assert analyze(model, (f for f in feeds), samples=5).data.samples == 5
+
+
+def test_feeds_are_copied_as_they_arrive() -> None:
+    """A reader that refills one buffer per feed (common in calibration code) still gives distinct samples."""
+    buffer = {"input": np.zeros((1, 8), np.float32), "state": np.zeros((2, 1, 4), np.float32),
+              "sr": np.array(16000, np.int64)}
+
+    def refilled() -> Iterator[dict[str, np.ndarray]]:
+        for i in range(4):
+            buffer["input"][...] = i
+            yield buffer
+
+    data = load_feeds(refilled(), input_specs(_recurrent_model()))
+    assert data.arrays["input"][:, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_feeds_checked_against_the_model_in_feed_terms() -> None:
+    """Messages name the input, one feed's shape and the model's; the first feed is checked before the rest is
+    read."""
+    specs = input_specs(_recurrent_model())
+    good = _feed_list(3)
+
+    def first_bad() -> Iterator[dict[str, np.ndarray]]:
+        yield {**good[0], "state": np.zeros((3, 1, 4), np.float32)}
+        raise AssertionError("read past a bad first feed")
+
+    with pytest.raises(BadDataError, match=r"^feed 0: input 'state': a feed of shape \(3, 1, 4\) but the model "
+                                           r"expects \[2,\?,4\]: axis 0 is 3, expected 2$"):
+        load_feeds(first_bad(), specs)
+    with pytest.raises(BadDataError, match=r"^feed 0: input 'input': a feed of shape \(8,\) \(rank 1\) but the "
+                                           r"model's input is \[\?,\?\] \(rank 2\)$"):
+        load_feeds([{**good[0], "input": np.zeros(8, np.float32)}], specs)
+    with pytest.raises(BadDataError, match=r"feed 0: no data for input\(s\) 'sr'.*every feed must hold every input"):
+        load_feeds([{"input": good[0]["input"], "state": good[0]["state"]}], specs)
+    with pytest.raises(BadDataError, match="feed 2 has no input 'sr'; every feed must hold the inputs of feed 0"):
+        load_feeds([*good[:2], {"input": good[0]["input"], "state": good[0]["state"]}], specs)
+    with pytest.raises(BadDataError, match="feed 1 gives input 'sr' as int32, feed 0 as int64"):
+        load_feeds([good[0], {**good[1], "sr": np.int32(8000)}], specs)
+    with pytest.raises(BadDataError, match=r"feed 1 gives input 'input' the shape \(2, 8\), feed 0 \(1, 8\); every "
+                                           "feed must have the shapes of feed 0"):
+        load_feeds([good[0], {**good[1], "input": np.zeros((2, 8), np.float32)}, good[2]], specs)
+    with pytest.raises(BadDataError, match="the calibration feeds are empty"):
+        load_feeds([], specs)
+    with pytest.raises(BadDataError, match="feed 1 is a list"):
+        load_feeds([good[0], [1, 2]], specs)
+    with pytest.raises(BadDataError, match="calibration data of type int"):
+        load_feeds(3, specs)
+
+
+def test_shorter_last_feed_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """A batching reader's last batch is often shorter: it is left out with a warning, the rest is used."""
+    specs = _specs([("x", F32, ["N", 3, 4, 4])])
+    batches = [{"x": _img(8, seed=i)} for i in range(3)] + [{"x": _img(5)}]
+    with caplog.at_level(logging.WARNING, logger="onnx_easier.data"):
+        data = load_feeds(batches, specs)
+    assert data.samples == 3 and data.whole == {"x"} and data.arrays["x"].shape == (3, 8, 3, 4, 4)
+    assert "feed 3 gives input 'x' the shape (5, 3, 4, 4), feed 0 (8, 3, 4, 4): left out" in caplog.text
+
+
+def test_dict_of_arrays_is_read_like_an_npz(tmp_path: Path) -> None:
+    """``data={name: array}`` in the Python API: samples on axis 0, either layout per input, as an .npz."""
+    from onnx_easier.api import analyze
+
+    specs = _specs(TWO)
+    data = load_feeds({"x": _img(6), "ids": _ids(6)}, specs, samples=4)
+    assert data.samples == 4 and not data.whole and data.source == "<arrays>"
+    model = tmp_path / "vad.onnx"
+    onnx.save(_recurrent_model(), model)
+    assert analyze(model, _recurrent_feeds(6)).data.whole == {"input", "state", "sr"}
