@@ -160,7 +160,8 @@ def analyze(
 
     ``data``: .npz keyed by input names, .npy (single input), a folder of those, None for random samples, or the
     feeds themselves: an iterable of ``{input name: array}`` dicts (one whole feed each, as ``session.run`` takes
-    it) or an ONNX Runtime ``CalibrationDataReader`` (data.load_feeds).
+    it), an ONNX Runtime ``CalibrationDataReader``, or a dict of arrays laid out like an .npz (data.load_feeds:
+    read once and kept in memory).
     ``moments=True`` also streams the sums the affine linearization needs.
     """
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"

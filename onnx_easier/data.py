@@ -1,20 +1,25 @@
-"""Calibration data: read it (``.npz``, ``.npy``, a folder of them, or random), check it against the model's inputs,
-and hand it out batch by batch as ORT feed dicts.
+"""Calibration data: read it (``.npz``, ``.npy``, a folder of them, feed dicts, or random), check it against the
+model's inputs, and hand it out batch by batch as ORT feed dicts.
 
 Layout convention: axis 0 of every array is the *sample* axis. An array of the model input's rank stands for a
 batch: its axis 0 is the model's axis 0 (the batch axis) and the other axes must match the model's input shape. An
 array with ONE MORE axis than the model input holds *whole feeds*: each ``arr[i]`` is fed to the model as it is
 (for state inputs whose batch is not axis 0, e.g. a recurrent model's ``state [2, N, 128]``, or models that cannot
-be batched); such data is fed one sample at a time. A rank-0 (scalar) input is the simplest case of this: a 1-D
-array, one value per sample. ``x.npz`` holds one array per input name,
-``x.npy`` one array for a single-input model, a folder holds chunks of samples (``.npz`` files keyed like above,
-or ``.npy`` files for a single-input model) concatenated in sorted file-name order (so zero-pad the numbers:
-``part_002.npz`` sorts before ``part_010.npz``). The Python API also takes an iterable of feed dicts (one whole feed
-each) or an ONNX Runtime quantization ``CalibrationDataReader`` (``load_feeds``).
+be batched); such data is fed one sample at a time, and the inputs given in batches beside it then get axis 0 = 1
+(checked). A rank-0 (scalar) input is the simplest case of this: a 1-D array, one value per sample. ``x.npz`` holds
+one array per input name, ``x.npy`` one array for a single-input model, a folder holds chunks of samples (``.npz``
+files keyed like above, or ``.npy`` files for a single-input model) concatenated in sorted file-name order (so
+zero-pad the numbers: ``part_002.npz`` sorts before ``part_010.npz``). The Python API also takes a dict of arrays
+(read like an ``.npz``), an iterable of feed dicts (one whole feed each) or an ONNX Runtime quantization
+``CalibrationDataReader`` (``load_feeds``).
+
+Random data is in batches, unless samples on axis 0 cannot feed the model (a scalar input, inputs that fix axis 0
+to different sizes, a named dim on axis 0 of one input and a later axis of another, as a recurrent state): then
+whole feeds of the full input shapes (``--input-shape`` gives every dynamic axis but an unnamed axis 0, which is 1).
 
 Dims: a negative ``dim_value`` (Paddle writes ``-1``) is dynamic, as ONNX Runtime reads it; a ``dim_param`` that
 names nothing (``?``, ``-1``: no letter or digit in it but the sign) is an unnamed dynamic dim, so two of them never
-have to agree; equal ``dim_param`` names must.
+have to agree; equal ``dim_param`` names must (in one ORT run).
 
 When the model fixes axis 0 to ``N`` (and the data is not whole feeds), batches hold exactly ``N`` samples;
 otherwise the batch size is chosen so that one batch of inputs is about 16 MB.
@@ -235,8 +240,9 @@ def load_data(
     """Read calibration data from ``path`` (or make random data when ``path`` is None) and check it.
 
     samples: keep only the first ``samples`` samples (for random data: how many to make, default 64).
-    input_shapes: full model shapes for inputs with dynamic axes (``--input-shape``); axis 0 is the sample axis,
-    so its value is only checked when the model fixes it. Raises BadDataError with a one-line message.
+    input_shapes: full model shapes for inputs with dynamic axes (``--input-shape``); for data in batches axis 0
+    is the sample axis, so its value is only checked when the model fixes it (random whole feeds take it as it is).
+    Raises BadDataError with a one-line message.
     """
     if samples is not None and samples < 1:
         raise BadArgumentError(f"--samples {samples}: give a positive number of samples")
