@@ -652,7 +652,7 @@ def _check_dims(arr: np.ndarray, s: InputSpec, shape: tuple[Dim, ...], whole: fr
             continue
         if isinstance(want, int) and want != got:
             if not feeds and axis == 0:
-                other = sorted(whole)[0]
+                other = min(whole)
                 raise BadDataError(
                     f"{source}: input {s.name!r} holds samples on the model's axis 0, which the model fixes to {want} "
                     f"{_show(shape)}, but {other!r} holds whole feeds, so every ORT run takes one sample; give "
