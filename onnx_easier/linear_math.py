@@ -492,13 +492,26 @@ def fused_layout(layers: list[ConvLayer]) -> Layout:
     strides, dilations, pads = _fused_geometry(layers)
     spans = [_axis_prefixes(layers, a)[-1].span for a in range(layers[0].nd)]
     kernel = tuple(span // d + 1 for span, d in zip(spans, dilations))
-    conn = _connectivity(layers[0]).astype(np.float32)
+    conn = _connectivity(layers[0])
     for layer in layers[1:]:
-        conn = (_connectivity(layer).astype(np.float32) @ conn > 0).astype(np.float32)
+        conn = _reach(layer, conn)
     cin, cout = layers[0].cin, layers[-1].cout
     common = math.gcd(cin, cout)
-    groups = max(g for g in range(1, common + 1) if common % g == 0 and _block_diagonal(conn > 0, g))
+    groups = max(g for g in range(1, common + 1) if common % g == 0 and _block_diagonal(conn, g))
     return Layout(cout, cin, groups, kernel, strides, dilations, pads)
+
+
+def _reach(layer: ConvLayer, conn: np.ndarray) -> np.ndarray:
+    """[Cout, C0] boolean: the input channels of a chain (connectivity ``conn``, [Cin, C0]) that each output channel
+    of ``layer`` placed after it reads. A boolean matrix product, short-cut for a layer with one channel per group
+    (a row mask) and for one whose every output reads every input (each row is the union of ``conn``'s rows): the
+    layers of large MLPs, where the product is an 8192^3 multiplication per candidate segment."""
+    if layer.groups == layer.cin == layer.cout:
+        return conn & np.any(layer.weight.reshape(layer.cout, -1) != 0, axis=1)[:, None]
+    step = _connectivity(layer)
+    if step.all():
+        return np.broadcast_to(conn.any(axis=0), (layer.cout, conn.shape[1]))
+    return step.astype(np.float32) @ conn.astype(np.float32) > 0  # exact: counts below 2^24
 
 
 def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
@@ -508,7 +521,11 @@ def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
     ``h = gcd(ga, gb)`` groups; when ``ga | gb`` or ``gb | ga`` it is contracted blockwise without densifying either
     side (``r = ga/gb`` accumulated groups feed each layer group, or each layer group reads one slice of an
     accumulated group), otherwise the accumulated weight is first re-expressed with ``h`` groups. So depthwise chains,
-    BN folds and pointwise-depthwise pairs never build a dense ``C x C`` kernel."""
+    BN folds and pointwise-depthwise pairs never build a dense ``C x C`` kernel. A chain of dense layers (Gemm/MatMul)
+    and per-channel scalings is ``_dense_chain``."""
+    dense = _dense_chain(layers)
+    if dense is not None:
+        return regroup(ConvLayer(dense, np.zeros(dense.shape[0]), (), (), (), 1))
     weight, groups = _redilate(layers[0], (1,) * layers[0].nd), layers[0].groups  # [C1, C0/groups, *K], offsets 0..K-1
     stride = np.array(layers[0].strides, dtype=np.int64)
     for layer in layers[1:]:
@@ -534,6 +551,26 @@ def _fuse_linear(layers: list[ConvLayer]) -> ConvLayer:
     weight = weight[(slice(None), slice(None)) + tuple(slice(None, None, g) for g in dilations)]
     linear = ConvLayer(weight, np.zeros(weight.shape[0]), strides, dilations, pads, groups)
     return regroup(linear)
+
+
+def _dense_chain(layers: list[ConvLayer]) -> np.ndarray | None:
+    """``W_n ... W_1`` for a chain of dense layers (nd = 0, one group) and per-channel scalings (one channel per
+    group) with at least one dense layer: one matrix product per dense layer, the scalings applied to the rows or
+    columns in place, and no other temporary (an 8192 x 8192 chain of a model over 2 GB must not hold its float64
+    weights several times over). None for any other chain."""
+    if not all(v.nd == 0 and (v.groups == 1 or v.groups == v.cin == v.cout) for v in layers) or all(
+            v.groups != 1 for v in layers):
+        return None
+    scale = np.ones(layers[0].cin)  # scalings before the first dense layer: its columns
+    weight: np.ndarray | None = None
+    for layer in layers:
+        if layer.groups == 1:
+            weight = layer.weight * scale if weight is None else layer.weight @ weight
+        elif weight is None:
+            scale = scale * layer.weight[:, 0]
+        else:
+            weight *= layer.weight[:, :1]  # our own array: made by the product above
+    return weight
 
 
 def _apply_channels(layer: ConvLayer, vector: np.ndarray) -> np.ndarray:

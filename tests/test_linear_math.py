@@ -425,6 +425,38 @@ def test_dense_chains() -> None:
     np.testing.assert_allclose(conv_forward(x, result.layer), torch_chain(x, layers), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("kinds", ["sdsd", "dsds", "dd", "ddsd", "sdds"])
+def test_dense_chains_with_scalings(kinds: str) -> None:
+    """Dense layers (d) and per-channel scalings (s, one channel per group) composed without densifying the
+    scalings: equal to the torch chain; the structural layout (a row mask for s, the union of rows for a dense
+    layer) matches the composed layer's groups, including a dense layer with a zero row."""
+    rng = np.random.default_rng(17)
+    width = 6
+    layers = []
+    for i, k in enumerate(kinds):
+        if k == "d":
+            layer = rand_layer(rng, width, width, ())
+            if i == 1:
+                w = np.array(layer.weight)
+                w[2] = 0.0  # an output that reads nothing: connectivity is not all-true
+                layer = make_layer(w, layer.bias)
+        else:
+            layer = affine_layer(rng.normal(size=width), rng.normal(size=width), 0)
+        layers.append(layer)
+    result = composed_ok(layers, ())
+    x = rng.normal(size=(5, width))
+    np.testing.assert_allclose(conv_forward(x, result.layer), torch_chain(x, layers), rtol=RTOL, atol=ATOL)
+    assert fused_layout(layers).groups == result.layer.groups
+
+
+def test_layout_of_block_diagonal_dense_chain() -> None:
+    """Connectivity through block-diagonal dense weights keeps the blocks (the general boolean product)."""
+    rng = np.random.default_rng(18)
+    a = to_dense(rand_layer(rng, 4, 4, (), groups=2))
+    b = to_dense(rand_layer(rng, 4, 4, (), groups=2))
+    assert fused_layout([a, b]).groups == 2 == composed_ok([a, b], ()).layer.groups
+
+
 def test_single_layer_and_misuse() -> None:
     rng = np.random.default_rng(16)
     layer = rand_layer(rng, 2, 3, (3,))

@@ -63,6 +63,7 @@ from onnx_easier.passes.fuse_common import (
 log = logging.getLogger(__name__)
 
 MAX_SEGMENT = 16
+KEEP_BYTES = 64 * 2**20  # a composed segment larger than this is not kept while the partition is chosen (below)
 
 
 def run(graph: gs.Graph, ctx: FusionContext | None = None) -> PassResult:
@@ -172,7 +173,7 @@ def _link(graph: gs.Graph, e: Element, elements: dict[int, Element], result: Pas
 @dataclass
 class _Segment:
     items: list[Sized]
-    composed: Composed
+    composed: Composed | None  # None: weighed and dropped (over KEEP_BYTES); composed again if chosen
     emission: Emission
     parts_macs: Fraction
 
@@ -234,18 +235,30 @@ def _check(items: list[Sized]) -> _Segment | str:
     return _Segment(items, composed, emission, parts)
 
 
+def _nbytes(composed: Composed) -> int:
+    layer = composed.layer
+    return layer.weight.nbytes + layer.bias.nbytes + (0 if composed.bias_map is None else composed.bias_map.nbytes)
+
+
 def _fmt(v: Fraction) -> str:
     return str(int(v)) if v.denominator == 1 else f"{float(v):.4g} (relative)"
 
 
 def _partition(items: list[Sized], result: PassResult) -> list[_Segment]:
-    """Segments to rewrite in the least-MACs partition of ``items`` (dynamic programme over split points)."""
+    """Segments to rewrite in the least-MACs partition of ``items`` (dynamic programme over split points).
+
+    Every candidate segment is composed to be weighed; one whose arrays exceed KEEP_BYTES keeps only its cost and
+    is composed again if the partition chooses it, so a chain of large dense layers (8192 x 8192 weights of a model
+    over 2 GB) holds one float64 product at a time, not one per candidate segment."""
     n = len(items)
     cache: dict[tuple[int, int], _Segment | str] = {}
 
     def segment(i: int, j: int) -> _Segment | str:
         if (i, j) not in cache:
-            cache[(i, j)] = _check(items[i:j])
+            s = _check(items[i:j])
+            if isinstance(s, _Segment) and s.composed is not None and _nbytes(s.composed) > KEEP_BYTES:
+                s = _Segment(s.items, None, s.emission, s.parts_macs)
+            cache[(i, j)] = s
         return cache[(i, j)]
 
     inf = (Fraction(10**30), 0)
@@ -274,6 +287,9 @@ def _partition(items: list[Sized], result: PassResult) -> list[_Segment]:
     j = n
     while j > 0:
         i, seg = choice[j]
+        if seg is not None and seg.composed is None:
+            seg = _check(seg.items)  # deterministic: the same segment as weighed
+            assert isinstance(seg, _Segment), seg
         if seg is not None:
             chosen.append(seg)
         bounds.append(i)
