@@ -200,8 +200,8 @@ def _set_external_dir(model: onnx.ModelProto, folder: str | None) -> None:
 
 @contextmanager
 def on_disk(model: onnx.ModelProto) -> Iterator[str]:
-    """A path from which ``model`` (weights external) reads completely: a temporary copy of the small proto in the
-    folder its data locations are relative to, removed on exit. For ONNX Runtime and the checker, which resolve
+    """A path from which ``model`` (weights external) reads completely: the small proto written to a temporary file
+    in the folder its data locations are relative to, removed on exit. For ONNX Runtime and the checker, which resolve
     external data from a model's path only."""
     folder = external_dir(model)
     if folder is None:
@@ -212,11 +212,8 @@ def on_disk(model: onnx.ModelProto) -> Iterator[str]:
         raise UnsupportedModelError(f"models over 2 GB need their folder writable for a moment ({folder}: "
                                     f"{exc.strerror})") from exc
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        _set_external_dir(copy, None)
-        with os.fdopen(fd, "wb") as f:
-            f.write(copy.SerializeToString())
+        with os.fdopen(fd, "wb") as f:  # as it is: no copy of weights made in memory (fused ones); ORT and the
+            f.write(model.SerializeToString())  # checker ignore the EXTERNAL_DIR_KEY metadata
         yield tmp
     finally:
         os.unlink(tmp)
