@@ -121,7 +121,7 @@ class ResNet(nn.Module):
     """``resnet18``: ``ResNet(BasicBlock, (2, 2, 2, 2))``; ``resnet50``: ``ResNet(Bottleneck, (3, 4, 6, 3))``.
     ``width`` 64 and 224x224 inputs are the real sizes."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], width: int = 64,
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], width: int = 64,
                  num_classes: int = 1000) -> None:
         super().__init__()
         self.inplanes = width
@@ -136,7 +136,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1
                     ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
@@ -167,7 +167,7 @@ def resnet50(width: int = 64, num_classes: int = 1000) -> ResNet:
 class InvertedResidualV2(nn.Module):
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
-        hidden = int(round(inp * expand_ratio))
+        hidden = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
@@ -307,7 +307,7 @@ class EfficientNet(nn.Module):
         layers: list[nn.Module] = [ConvNormAct(3, ch(32), 3, 2, act=nn.SiLU, eps=0.001)]
         for e, k, s, c_in, c_out, n in self.B0:
             stage = []
-            for i in range(int(math.ceil(n * depth_mult))):
+            for i in range(math.ceil(n * depth_mult)):
                 stage.append(MBConv(ch(c_in) if i == 0 else ch(c_out), ch(c_out), k, s if i == 0 else 1, e))
             layers.append(nn.Sequential(*stage))
         layers.append(ConvNormAct(ch(320), 4 * ch(320), 1, act=nn.SiLU, eps=0.001))
@@ -518,7 +518,7 @@ def shifted_window_attention(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, b
                 count += 1
         mask = mask.view(ph // window, window, pw // window, window).permute(0, 2, 1, 3).reshape(nw, window * window)
         mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
         attn = attn.view(x.size(0) // nw, nw, heads, x.size(1), x.size(1)) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, heads, x.size(1), x.size(1))
     attn = F.softmax(attn, dim=-1)
