@@ -5,7 +5,7 @@ The code follows torchvision (ResNet, MobileNetV2/V3, EfficientNet, ConvNeXt, Vi
 Swin with its padded shifted-window attention and patch merging), Hugging Face's BERT (three int64 inputs,
 ``transpose_for_scores``, the ``finfo.min`` extended mask, eager or SDPA attention), ultralytics' YOLOv5 (C3, SPPF,
 FPN/PAN neck, the anchor-grid ``Detect`` decode) and ``nn.LSTM``/``nn.GRU`` with their initial states as inputs.
-It differs from tests/zoo_nets.py (compact, hand-written variants) where the reference code differs: the spelling
+It differs from tools/zoo_nets.py (compact, hand-written variants, used by tools/bench_zoo.py) where the reference code differs: the spelling
 of the layers is the point. torchvision itself is not used (its wheels need a CUDA torch).
 
 Every builder takes width / depth / resolution parameters: the defaults are the real sizes, the tests pass small
