@@ -17,8 +17,9 @@ undone after failing, or dropped.
 Exporters: TorchScript (``dynamo=False``, opset 17, dynamic batch) and dynamo (``dynamo=True``, opset 18 or 20 per
 model; static shapes, or a dynamic batch where the case says so). Beyond the torch exports: ORT ``quantize_dynamic``
 (BERT) and ``quantize_static`` QDQ (MobileNetV2), float16 (``onnxruntime.transformers.float16``: ResNet-18 with and
-without float32 I/O, BERT), the committed tf2onnx exports, and a Paddle-style input (``-1`` batch, unnamed spatial
-dims). Nothing here is xfail: a failure is a bug.
+without float32 I/O, BERT), the committed tf2onnx exports, a Paddle-style input (``-1`` batch, unnamed spatial
+dims), TorchScript at opset 13, a graph saved by ORT after its extended optimizations and the output of
+onnxruntime.transformers' BERT optimizer (contrib ops). Nothing here is xfail: a failure is a bug.
 
     python -m pytest -q tests/test_real_zoo.py -k 'vit and dynamo'
 """
@@ -367,11 +368,59 @@ def test_tf2onnx(name: str, mode: str, tmp_path: Path, capsys: pytest.CaptureFix
     check_mode(src, arrays, mode, tmp_path, capsys)
 
 
+OLD_OPSETS = [pytest.param("bert", 13, id="bert-13"),
+              pytest.param("convnext_t", 13, id="convnext_t-13", marks=pytest.mark.slow),
+              pytest.param("mobilenetv3", 13, id="mobilenetv3-13", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("name", "opset"), OLD_OPSETS)
+def test_torchscript_old_opset(name: str, opset: int, mode: str, tmp_path: Path, capsys: pytest.CaptureFixture
+                               ) -> None:
+    """Exports at the opsets many published models still have: below 17 LayerNorm is spelled ReduceMean / Sub /
+    Pow / Sqrt / Div, below 14 HardSwish is HardSigmoid and Mul."""
+    case = CASES[name]
+    src = tmp_path / f"{name}_ts{opset}.onnx"
+    torch.manual_seed(0)
+    module = A.randomize(case.build())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, case.example(2), str(src), input_names=case.inputs, output_names=case.outputs,
+                          dynamo=False, opset_version=opset, dynamic_axes=case.dynamic, external_data=False)
+    check_mode(src, case.data(SAMPLES), mode, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ort_optimized_resnet18(mode: str, exported, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A model saved by ONNX Runtime after its extended graph optimizations (``optimized_model_filepath``):
+    com.microsoft FusedConv with the ReLU as an attribute, constants folded."""
+    src = tmp_path / "resnet18_ort.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(src)
+    ort.InferenceSession(str(exported("resnet18", "ts")), so, providers=["CPUExecutionProvider"])
+    check_mode(src, images(64)(SAMPLES), mode, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transformers_optimizer_bert(mode: str, exported, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """onnxruntime.transformers' BERT optimizer: EmbedLayerNormalization, Attention, SkipLayerNormalization,
+    BiasGelu (com.microsoft)."""
+    from onnxruntime.transformers import optimizer
+
+    src = tmp_path / "bert_opt.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer.optimize_model(str(exported("bert", "ts")), model_type="bert", num_heads=4, hidden_size=64,
+                                 opt_level=1).save_model_to_file(str(src))
+    check_mode(src, tokens(SAMPLES), mode, tmp_path, capsys)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_paddle_style_dims(mode: str, exported, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The TorchScript MobileNetV3 with its input declared as Paddle writes it: batch ``dim_value: -1``, the
+    """The TorchScript MobileNetV2 with its input declared as Paddle writes it: batch ``dim_value: -1``, the
     spatial dims unnamed (no value, no param); the output's batch ``-1`` too."""
-    model = onnx.load(exported("mobilenetv3", "ts"))
+    model = onnx.load(exported("mobilenetv2", "ts"))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].Clear()
     dims[0].dim_value = -1
@@ -380,6 +429,6 @@ def test_paddle_style_dims(mode: str, exported, tmp_path: Path, capsys: pytest.C
     out_dim = model.graph.output[0].type.tensor_type.shape.dim[0]
     out_dim.Clear()
     out_dim.dim_value = -1
-    src = tmp_path / "mobilenetv3_paddle.onnx"
+    src = tmp_path / "mobilenetv2_paddle.onnx"
     onnx.save(model, src)
     check_mode(src, images(64)(SAMPLES), mode, tmp_path, capsys)
