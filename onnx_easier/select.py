@@ -410,6 +410,11 @@ class SearchResult:
     untried: int = 0  # candidates left when the time limit cut the search short (0: it ran to the end)
 
 
+StepHook = Callable[[str, int, int, str], None]
+"""``on_step(phase, done, planned, message)``: ``done`` of ``planned`` steps of ``phase`` are finished. For a search
+``planned`` is an upper bound that shrinks as candidates are accepted (max_remove, overlapping candidates)."""
+
+
 @dataclass
 class Search:
     """Everything a search needs; built once by api.optimize and shared by the strategies."""
@@ -425,9 +430,10 @@ class Search:
     refit: bool = True
     max_remove: int | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
-    progress: Callable[[str], None] | None = None
+    progress: Callable[[str], None] | None = None  # one line per trial (kept for callers of the string form)
     checks: CheckData | None = None  # fail-safe fusion of every trial (select.fuse_model)
     deadline: float | None = None  # time.perf_counter() after which no trial starts (api's time limit)
+    on_step: StepHook | None = None  # on_step("search <strategy>", trials done, trials planned, message)
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original)
@@ -472,14 +478,13 @@ class Search:
         best: Fidelity | None = None
         candidates = self.ordered(strategy)
         untried = 0
+        self._step(strategy, 0, candidates, 0, done, f"{len(candidates)} candidates")
         for index, cand in enumerate(candidates):
             if self.deadline is not None and time.perf_counter() >= self.deadline:
                 untried = len(candidates) - index
                 log.warning("time limit reached: the %s search stops with %d candidates untried", strategy, untried)
                 break
-            if self.max_remove is not None and len(done) + len(cand.acts) > self.max_remove:
-                continue
-            if any(n in done for n in cand.names):
+            if not self._eligible(cand, done):
                 continue
             key = (path, tuple(cand.names))
             if key in self._memo:
@@ -495,16 +500,31 @@ class Search:
                                               note=f"failed and undone: {exc}"), None, None
                 self._memo[key] = (trial, model, fid)
             trials.append(trial)
+            line = (f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: "
+                    + (f"loss {fid.value:.4f} {'kept' if fid.ok else 'undone'}" if fid is not None else "undone"))
             if self.progress and fid is not None:
-                self.progress(f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: loss {fid.value:.4f} "
-                              f"{'kept' if fid.ok else 'undone'}")
-            if fid is None or not fid.ok:
-                continue
-            current, best = model, fid
-            done.extend(cand.names)
-            path = (*path, tuple(cand.names))
-            remaining = [a for a in remaining if a.name not in done]
+                self.progress(line)
+            if fid is not None and fid.ok:
+                current, best = model, fid
+                done.extend(cand.names)
+                path = (*path, tuple(cand.names))
+                remaining = [a for a in remaining if a.name not in done]
+            self._step(strategy, len(trials), candidates, index + 1, done, line)
         return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried)
+
+    def _eligible(self, cand: Candidate, done: list[str]) -> bool:
+        """Whether ``cand`` can still be tried once ``done`` are linearized (max_remove, no overlap)."""
+        if self.max_remove is not None and len(done) + len(cand.acts) > self.max_remove:
+            return False
+        return not any(n in done for n in cand.names)
+
+    def _step(self, strategy: str, tried: int, candidates: list[Candidate], start: int, done: list[str],
+              message: str) -> None:
+        """Tell ``on_step`` how far the search is: ``tried`` trials, planned = those + the candidates from
+        ``start`` on that are still eligible."""
+        if self.on_step:
+            left = sum(1 for c in candidates[start:] if self._eligible(c, done))
+            self.on_step(f"search {strategy}", tried, tried + left, message)
 
     def _trial(self, current: onnx.ModelProto, path: tuple, remaining: list[Activation],
                cand: Candidate) -> tuple[Trial, onnx.ModelProto | None, Fidelity | None]:
