@@ -26,13 +26,13 @@ from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_data, load_feeds
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
+from onnx_easier.execution import CPU, Execution, resolve
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
-from onnx_easier.latency import LatencyStats, measure_latency
+from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
 from onnx_easier.model_io import (
     check_model,
     external_dir,
     load_model,
-    make_session,
     read_model,
     save_model,
     to_graph,
@@ -155,6 +155,7 @@ def analyze(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     moments: bool = False,
     progress: bool = False,
+    provider: str = "cpu",
 ) -> Analysis:
     """Calibrate ``model`` through ONNX Runtime on ``data`` and compute the EASIER entropy of every activation.
 
@@ -162,8 +163,16 @@ def analyze(
     feeds themselves: an iterable of ``{input name: array}`` dicts (one whole feed each, as ``session.run`` takes
     it), an ONNX Runtime ``CalibrationDataReader``, or a dict of arrays laid out like an .npz (data.load_feeds:
     read once and kept in memory).
-    ``moments=True`` also streams the sums the affine linearization needs.
+    ``moments=True`` also streams the sums the affine linearization needs. ``provider``: ``cpu`` or ``cuda``, the
+    ONNX Runtime execution provider of the calibration (execution.py; BadArgumentError when it cannot start).
     """
+    return _analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes, moments=moments,
+                    progress=progress, execution=resolve(provider))
+
+
+def _analyze(model: str | os.PathLike | onnx.ModelProto, data: DataSource, *, samples: int | None, seed: int,
+             input_shapes: dict[str, tuple[int, ...]] | None, moments: bool, progress: bool,
+             execution: Execution) -> Analysis:
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     proto = load_model(model)
     graph = to_graph(proto)
@@ -171,14 +180,14 @@ def analyze(
     named = to_model(graph, proto)
     acts = find_activations(to_graph(infer_shapes(named)))
     if not acts:
-        make_session(named)  # calibration would not run ORT: check here that ORT can run the model at all
+        execution.session(named)  # calibration would not run ORT: check here that ORT can run the model at all
     if data is None or isinstance(data, (str, os.PathLike)):
         calib = load_data(None if data is None else str(data), input_specs(named), samples=samples, seed=seed,
                           input_shapes=input_shapes)
     else:
         calib = load_feeds(data, input_specs(named), samples=samples)
     t0 = time.perf_counter()
-    stats = calibrate(named, acts, calib, moments=moments, progress=progress)
+    stats = calibrate(named, acts, calib, moments=moments, progress=progress, execution=execution)
     seconds = time.perf_counter() - t0
     before = measure(named, len(acts), _sample_shapes(calib))
     log.info("calibrated %d activations on %d samples in %.2fs", len(acts), calib.samples, seconds)
@@ -209,7 +218,8 @@ def optimize(
     Default (budget mode): linearize activations in the order of ``strategy`` while the fidelity loss against the
     original on held-out samples stays <= ``tolerance`` (select.py), re-fitting merged layers by least squares
     unless ``refit=False``; then keep the fastest of the results on ``provider``, never one slower than the input.
-    ``tolerance=0``: the exact fusions only.
+    ``tolerance=0``: the exact fusions only. Calibration, search trials, exactness checks and latency all run on
+    ``provider`` (``cpu`` or ``cuda``: execution.py, checked before any work).
 
     ``remove=K`` (the paper's mode): linearize exactly the K lowest-entropy activations, fuse, no re-fit, no
     fidelity budget. Either way the fused model is checked against its unfused reference (fusions are exact).
@@ -234,16 +244,18 @@ def optimize(
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
     t_start = time.perf_counter()
     paper = remove is not None
-    analysis = analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes,
-                       moments=paper and linearize_mode == "affine" and remove > 0, progress=progress)
+    execution = resolve(provider)
+    analysis = _analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes,
+                        moments=paper and linearize_mode == "affine" and remove > 0, progress=progress,
+                        execution=execution)
     shapes = _sample_shapes(analysis.data)
     if paper:
-        out, report, verifier = _paper_mode(analysis, remove, linearize_mode, shapes)
+        out, report, verifier = _paper_mode(analysis, remove, linearize_mode, shapes, execution)
     else:
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
                                    shapes=shapes, seed=seed, on_step=on_step,
-                                   deadline=None if time_limit is None else t_start + time_limit)
+                                   deadline=None if time_limit is None else t_start + time_limit, execution=execution)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return Result(out, report, analysis, verifier)
 
@@ -308,7 +320,8 @@ def check_data(model: onnx.ModelProto, data: CalibrationData) -> CheckData:
     return CheckData(feeds, rtol)
 
 
-def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tuple[onnx.ModelProto, dict, Callable]:
+def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict,
+                execution: Execution = CPU) -> tuple[onnx.ModelProto, dict, Callable]:
     chosen = analysis.ranked()[:remove]
     if remove > len(analysis.activations):
         log.warning("--remove %d: the model has only %d activations; linearizing all", remove, len(chosen))
@@ -317,7 +330,7 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
     built = linearize_and_fuse(analysis.model, chosen, mode, fits, kept_nodes(analysis.activations, chosen), checks)
     out = _finish(analysis, built.model)
     rtol = checks.rtol
-    err = max_relative_error(built.reference, out, analysis.data)
+    err = max_relative_error(built.reference, out, analysis.data, execution)
     if err > rtol:
         raise VerificationError(
             f"internal error: the fused model differs from the linearized reference (relative error {err:.2e}); "
@@ -335,7 +348,7 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
                            "samples": min(VERIFY_SAMPLES, analysis.data.samples)}
 
     def verifier(written: onnx.ModelProto) -> dict:
-        e = max_relative_error(built.reference, written, analysis.data)
+        e = max_relative_error(built.reference, written, analysis.data, execution)
         return {"ok": e <= rtol, "metric": "max-relative-error", "value": e, "tolerance": rtol,
                 "reference": "original with the chosen activations linearized"}
 
@@ -344,27 +357,25 @@ def _paper_mode(analysis: Analysis, remove: int, mode: str, shapes: dict) -> tup
 
 def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], linearized: dict[str, int],
             macs: Callable[[str], int], loss: dict[str, float] | None = None) -> str:
-    """The model to write: among those not slower than the original (median latency within NOISE_MARGIN of it),
-    the shallowest of those as fast as the fastest (within NOISE_MARGIN of it: timing noise cannot order them),
-    i.e. the most activations linearized, then the fewest MACs, then the lowest fidelity ``loss`` (0 where not
-    given: the exact model), then the lowest latency. "original" if none."""
-    base = lat["original"].median_ms
-    fast = [k for k in models if k != "original" and lat[k].median_ms <= base * (1 + NOISE_MARGIN)]
-    if not fast:
+    """The model to write: among those not slower than the original (median paired latency ratio to it at most
+    1 + NOISE_MARGIN, on thread CPU time for provider cpu: ``latency.fast_ties``), the shallowest of those as fast
+    as the fastest (ratio to it within the same margin: timing noise cannot order them), i.e. the most activations
+    linearized, then the fewest MACs, then the lowest fidelity ``loss`` (0 where not given: the exact model), then
+    the lowest latency. "original" if none."""
+    ties = fast_ties({k: lat[k] for k in models}, "original", NOISE_MARGIN)
+    if not ties:
         return "original"
-    best = min(lat[k].median_ms for k in fast)
-    ties = [k for k in fast if lat[k].median_ms <= best * (1 + NOISE_MARGIN)]
     loss = loss or {}
-    return min(ties, key=lambda k: (-linearized.get(k, 0), macs(k), loss.get(k, 0.0), lat[k].median_ms))
+    return min(ties, key=lambda k: (-linearized.get(k, 0), macs(k), loss.get(k, 0.0), lat[k].figure_ms()))
 
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  on_step: Callable[[str], None] | None,
-                 deadline: float | None = None) -> tuple[onnx.ModelProto, dict, Callable]:
+                 deadline: float | None = None, execution: Execution = CPU) -> tuple[onnx.ModelProto, dict, Callable]:
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
-    judge = Judge(analysis.model, holdout, metric, tolerance, batch)
+    judge = Judge(analysis.model, holdout, metric, tolerance, batch, execution)
     checks = check_data(analysis.model, holdout)
     rtol = checks.rtol
     exact_model, exact_fusion = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations), checks)
@@ -403,8 +414,9 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         lat, chosen = {}, "exact"  # the exact fusions never add MACs (cost-aware)
     else:
         if on_step:
-            on_step(f"measuring latency of {len(models)} models on {provider} (interleaved)")
-        lat = measure_latency(models, feeds, provider=provider)
+            on_step(f"measuring latency of {len(models)} models on {provider} (interleaved, "
+                    f"{'thread CPU' if provider == 'cpu' else 'wall'} time)")
+        lat = measure_latency(models, feeds, provider=provider, reference="original", margin=NOISE_MARGIN)
         chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
                          lambda k: measure(models[k], 0, shapes).macs,
                          {f"search:{r.strategy}": r.fidelity.value for r in results if r.fidelity is not None})
@@ -436,11 +448,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
     warning = fidelity.training_data_warning()
     report["warnings"] = [w for w in (warning, note, fallback, big_note) if w]
-    report["latency_ms"] = {"before": lat["original"].median_ms if lat else None,
-                            "after": lat[chosen].median_ms if lat else None,
-                            "provider": provider, "batch": int(next(iter(feeds.values())).shape[0]),
-                            "ratio": lat[chosen].median_ms / lat["original"].median_ms if lat else None,
-                            "candidates": {k: v.as_report() for k, v in lat.items()}}
+    report["latency_ms"] = latency_report(lat, chosen, "original", provider,
+                                          int(next(iter(feeds.values())).shape[0]), NOISE_MARGIN)
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
                                      "trials": [t.as_report() for t in r.trials]} for r in results}
     report["trials"] = sum(len(r.trials) for r in results)
@@ -466,14 +475,16 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     return out, report, verifier
 
 
-def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: CalibrationData) -> float:
-    """``select.output_error`` of ``b`` against ``a`` on the first VERIFY_SAMPLES samples of ``data``. One session
-    at a time (two would map the weights of a model over 2 GB twice): ``a``'s outputs are kept, then ``b`` runs."""
+def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: CalibrationData,
+                       execution: Execution = CPU) -> float:
+    """``select.output_error`` of ``b`` against ``a`` on the first VERIFY_SAMPLES samples of ``data``, both run on
+    ``execution``. One session at a time (two would map the weights of a model over 2 GB twice): ``a``'s outputs
+    are kept, then ``b`` runs."""
     sub = data.subset(0, min(VERIFY_SAMPLES, data.samples))
     feeds = list(sub.batches(run_batch(a, sub, 16), drop_last=bool(batch_multiple(input_specs(a), data))))
-    session = make_session(a)
+    session = execution.session(a)
     names = [o.name for o in session.get_outputs()]
     expected = [session.run(names, feed) for feed in feeds]
     del session  # freed before the next one maps its weights
-    session = make_session(b)
+    session = execution.session(b)
     return max((output_error(ref, session.run(names, feed)) for ref, feed in zip(expected, feeds)), default=0.0)

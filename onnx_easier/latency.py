@@ -18,35 +18,55 @@ blocks of one run.
 ``provider="cuda"`` uses CUDAExecutionProvider (CPU for the nodes it lacks) with IO binding: inputs are copied to
 the GPU once and outputs stay there, so the time is the model's, not the PCIe copies' (which are the same for
 every model and would only dilute a before/after ratio).
+
+**Two clocks.** Every block is timed on the wall clock and on the calling thread's CPU clock
+(``time.thread_time_ns``). With one intra-op thread (and one inter-op thread, sequential execution) ONNX Runtime
+computes a CPU-provider run on the calling thread, so its thread CPU time is the work of the run alone: another
+process on the same core preempts the thread, which lengthens the wall time of the block it lands in but not its
+CPU time. Decisions use the *basis* ``"thread-cpu"`` for provider cpu with one thread and ``"wall"`` otherwise (a
+GPU's work, or other intra-op threads' work, does not show in the calling thread's CPU time).
+
+**Ratios and when to stop.** Models are compared by the paired per-round ratio (``a``'s figure over ``b``'s in the
+same round, on the basis): its median, with a distribution-free interval for that median from the sign test
+(order statistics of the rounds' ratios, CONFIDENCE 99%). Given a ``reference`` model and a ``margin``, the rounds
+go on past ``budget_s`` until every comparison a choice within the margin depends on (each model against the
+reference; each model not slower than the reference against the fastest of them, by ``fast_ties``) has its
+interval entirely on one side of ``1 + margin``, or until MAX_BUDGET_FACTOR x ``budget_s`` or MAX_ROUNDS rounds;
+then the median ratios decide.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from onnx_easier.errors import BadArgumentError, BadDataError
+from onnx_easier.execution import Execution, resolve
 from onnx_easier.graph_utils import contiguous
-from onnx_easier.model_io import make_session
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DEFAULT_BUDGET_S = 1.5
 DEFAULT_ROUNDS = 20  # with repeats=None: rounds the blocks are sized for
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
+MAX_BUDGET_FACTOR = 4  # with a reference: rounds go on until resolved, for at most this many times budget_s
+CONFIDENCE = 0.99  # of the sign-test interval of a median per-round ratio
+BASES = ("thread-cpu", "wall")
 
 
 @dataclass
 class LatencyStats:
-    """Milliseconds per run of one model: median and 10th / 90th percentiles over ``rounds`` timed blocks of
-    ``block`` runs each."""
+    """Milliseconds per run of one model over ``rounds`` timed blocks of ``block`` runs each: ``median_ms``,
+    ``p10_ms``, ``p90_ms`` on the wall clock, ``cpu_*`` in the calling thread's CPU time (None where that is not
+    the run's work: provider cuda, or more than one thread). ``basis`` is the one decisions use; ``wall_rounds`` /
+    ``cpu_rounds`` are the per-round figures, in round order (paired across the models of one measurement)."""
 
     median_ms: float
     p10_ms: float
@@ -55,35 +75,128 @@ class LatencyStats:
     block: int
     provider: str
     threads: int
+    cpu_median_ms: float | None = None
+    cpu_p10_ms: float | None = None
+    cpu_p90_ms: float | None = None
+    wall_rounds: tuple[float, ...] = field(default=(), repr=False)
+    cpu_rounds: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def basis(self) -> str:
+        """"thread-cpu" when the thread CPU figures exist, else "wall"."""
+        return "thread-cpu" if self.cpu_median_ms is not None else "wall"
 
     @property
     def runs(self) -> int:
         """Timed runs in all."""
         return self.rounds * self.block
 
+    def figure_ms(self, basis: str | None = None) -> float:
+        """The median on ``basis`` (default: this model's own basis)."""
+        if (basis or self.basis) == "thread-cpu" and self.cpu_median_ms is not None:
+            return self.cpu_median_ms
+        return self.median_ms
+
+    def per_round(self, basis: str | None = None) -> tuple[float, ...]:
+        """The per-round figures on ``basis`` (default: this model's own basis)."""
+        return self.cpu_rounds if (basis or self.basis) == "thread-cpu" else self.wall_rounds
+
     def as_report(self) -> dict:
-        """JSON-ready form (the report's ``latency_ms.before`` / ``after``)."""
-        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "rounds": self.rounds,
-                "block": self.block, "provider": self.provider, "threads": self.threads}
+        """JSON-ready form (the report's ``latency_ms.candidates``): ``*_ms`` wall time, ``cpu_*_ms`` thread CPU
+        time (None where not measured), ``basis`` the figure decisions use."""
+        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
+                "cpu_median_ms": self.cpu_median_ms, "cpu_p10_ms": self.cpu_p10_ms, "cpu_p90_ms": self.cpu_p90_ms,
+                "basis": self.basis, "rounds": self.rounds, "block": self.block, "provider": self.provider,
+                "threads": self.threads}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``a / b`` on ``basis``: ``value`` the median of the per-round ratios, ``[low, high]`` its sign-test
+    interval at CONFIDENCE over ``rounds`` rounds (rounds 0: no per-round figures, the ratio of the medians and an
+    interval of zero width; too few rounds for CONFIDENCE: the interval is (0, inf))."""
+
+    value: float
+    low: float
+    high: float
+    rounds: int
+    basis: str
+
+    def decided(self, bound: float) -> bool:
+        """Whether the interval lies on one side of ``bound``: the answer to ``value <= bound`` is resolved."""
+        return self.high <= bound or self.low > bound
 
 
 def ratio(after: LatencyStats, before: LatencyStats) -> float:
-    """``after.median_ms / before.median_ms``: below 1 means ``after`` is faster."""
-    if before.median_ms <= 0:
+    """``after / before`` of the medians on their shared basis (thread CPU time when both have it, else wall):
+    below 1 means ``after`` is faster."""
+    basis = after.basis if after.basis == before.basis else "wall"
+    if before.figure_ms(basis) <= 0:
         raise ValueError("the 'before' latency is not positive: no ratio")
-    return after.median_ms / before.median_ms
+    return after.figure_ms(basis) / before.figure_ms(basis)
+
+
+def sign_rank(n: int, confidence: float = CONFIDENCE) -> int:
+    """The largest k with ``2 P(Binom(n, 1/2) < k) <= 1 - confidence``: the order statistics ``[x_(k),
+    x_(n+1-k)]`` of n samples cover their median with probability at least ``confidence``. 0: n is too small."""
+    alpha, k, tail = 1.0 - confidence, 0, 0.0
+    while k < (n + 1) // 2:
+        tail += math.comb(n, k) / (1 << n)  # P(B <= k)
+        if 2 * tail > alpha:
+            break
+        k += 1
+    return k
+
+
+def paired_ratio(a: LatencyStats, b: LatencyStats, basis: str | None = None,
+                 confidence: float = CONFIDENCE) -> Ratio:
+    """``a / b`` round by round (both from one measurement) on ``basis`` (default: their shared basis; wall
+    when they differ): the median ratio and its sign-test interval (Ratio)."""
+    basis = basis or (a.basis if a.basis == b.basis else "wall")
+    ra, rb = np.asarray(a.per_round(basis)), np.asarray(b.per_round(basis))
+    if ra.size == 0 or ra.size != rb.size or not (rb > 0).all():
+        value = a.figure_ms(basis) / b.figure_ms(basis)
+        return Ratio(value, value, value, 0, basis)
+    r = np.sort(ra / rb)
+    k = sign_rank(r.size, confidence)
+    low, high = (float(r[k - 1]), float(r[r.size - k])) if k else (0.0, math.inf)
+    return Ratio(float(np.median(r)), low, high, int(r.size), basis)
+
+
+def _compare(stats: dict[str, LatencyStats], reference: str, margin: float) -> tuple[list[str], list[Ratio]]:
+    """(fast_ties, the ratios that decided it)."""
+    bound = 1.0 + margin
+    base = {k: paired_ratio(s, stats[reference]) for k, s in stats.items() if k != reference}
+    used = list(base.values())
+    fast = [k for k, r in base.items() if r.value <= bound]
+    if not fast:
+        return [], used
+    best = min(fast, key=lambda k: base[k].value)
+    ties = []
+    for k in fast:
+        if k != best:
+            used.append(paired_ratio(stats[k], stats[best]))
+        if k == best or used[-1].value <= bound:
+            ties.append(k)
+    return ties, used
+
+
+def fast_ties(stats: dict[str, LatencyStats], reference: str, margin: float) -> list[str]:
+    """The models other than ``reference`` that are not slower than it (median paired ratio to it at most
+    ``1 + margin``) and as fast as the fastest of those (ratio to it at most ``1 + margin``: timing cannot order
+    them), in the order of ``stats``. Empty if none is as fast as the reference."""
+    return _compare(stats, reference, margin)[0]
+
+
+def unresolved(stats: dict[str, LatencyStats], reference: str, margin: float) -> int:
+    """How many of the ratios ``fast_ties`` depends on have an interval that contains ``1 + margin``."""
+    return sum(not r.decided(1.0 + margin) for r in _compare(stats, reference, margin)[1])
 
 
 def _session(model: onnx.ModelProto | bytes, provider: str, threads: int) -> ort.InferenceSession:
+    """A timed session on ``provider`` (execution.py: ORT's defaults, as deployed; checked that it started)."""
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
-    wanted = PROVIDERS[provider]
-    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
-    sess = make_session(proto, optimize=True, providers=providers, threads=threads)
-    if sess.get_providers()[0] != wanted:  # ORT falls back to CPU with a warning when CUDA fails to load
-        raise BadArgumentError(
-            f"--provider {provider}: ONNX Runtime could not start {wanted} (CUDA or cuDNN libraries missing?)"
-        )
-    return sess
+    return Execution(provider).session(proto, optimize=True, threads=threads, timed=True)
 
 
 def _runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str, provider: str) -> Callable[[], None]:
@@ -115,12 +228,7 @@ def _runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str
 
 def _check_args(provider: str, threads: int, warmup: int, repeats: int | None, rounds: int | None,
                 budget_s: float) -> None:
-    if provider not in PROVIDERS:
-        raise BadArgumentError(f"--provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
-    if provider == "cuda" and PROVIDERS["cuda"] not in ort.get_available_providers():
-        raise BadArgumentError(
-            "--provider cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu or use cpu"
-        )
+    resolve(provider)  # unknown, missing or failing to start: BadArgumentError
     if threads < 0:
         raise BadArgumentError(f"--threads must be >= 0 (0 = all cores), not {threads}")
     if warmup < 0:
@@ -133,6 +241,16 @@ def _check_args(provider: str, threads: int, warmup: int, repeats: int | None, r
         raise BadArgumentError(f"the time budget must be > 0 s, not {budget_s}")
 
 
+def _stats(wall: list[float], cpu: list[float] | None, block: int, provider: str, threads: int) -> LatencyStats:
+    """LatencyStats from the per-round figures (ms per run); ``cpu`` None: no thread CPU figures."""
+    p10, median, p90 = (float(v) for v in np.percentile(wall, [10, 50, 90]))
+    cp10 = cmedian = cp90 = None
+    if cpu is not None:
+        cp10, cmedian, cp90 = (float(v) for v in np.percentile(cpu, [10, 50, 90]))
+    return LatencyStats(median, p10, p90, len(wall), block, provider, threads, cmedian, cp10, cp90,
+                        tuple(wall), tuple(cpu or ()))
+
+
 def measure_latency(
     models: dict[str, onnx.ModelProto | bytes],
     feeds: dict[str, np.ndarray],
@@ -143,18 +261,25 @@ def measure_latency(
     repeats: int | None = None,
     rounds: int | None = None,
     budget_s: float = DEFAULT_BUDGET_S,
+    reference: str | None = None,
+    margin: float = 0.03,
 ) -> dict[str, LatencyStats]:
     """Milliseconds per run of each model on ``feeds``, measured interleaved (module doc); same keys as ``models``.
 
     ``feeds`` maps input names to arrays and must cover every model's inputs (extra names are ignored per model).
-    ``repeats`` (runs per timed block) and ``rounds`` default to what fits ``budget_s`` seconds of timing.
+    ``repeats`` (runs per timed block) and ``rounds`` default to what fits ``budget_s`` seconds of timing; with
+    ``reference`` (a key of ``models``) and ``rounds=None``, rounds go on until the comparisons within ``margin``
+    of it are resolved (module doc). Thread CPU time is measured for provider cpu with ``threads=1``.
     Raises BadArgumentError for an unknown or unavailable provider, BadDataError for a missing input.
     """
     _check_args(provider, threads, warmup, repeats, rounds, budget_s)
     if not models:
         return {}
+    if reference is not None and reference not in models:
+        raise BadArgumentError(f"the latency reference {reference!r} is not one of the models measured")
     labels = list(models)
     runners = {k: _runner(_session(models[k], provider, threads), feeds, k, provider) for k in labels}
+    cpu_basis = provider == "cpu" and threads == 1
 
     per_run: dict[str, float] = {}
     for k in labels:  # warm-up, and a first estimate of one run's time
@@ -169,35 +294,85 @@ def measure_latency(
     share = budget_s / (target_rounds * len(labels))  # seconds per block
     blocks = {k: repeats or max(1, int(share / max(per_run[k], 1e-7))) for k in labels}
 
-    samples: dict[str, list[float]] = {k: [] for k in labels}
+    wall: dict[str, list[float]] = {k: [] for k in labels}
+    cpu: dict[str, list[float]] = {k: [] for k in labels}
+
+    def stats() -> dict[str, LatencyStats]:
+        return {k: _stats(wall[k], cpu[k] if cpu_basis else None, blocks[k], provider, threads) for k in labels}
+
+    def enough(done: int) -> bool:
+        if rounds is not None:
+            return done >= rounds
+        elapsed = time.perf_counter() - start
+        if done >= MAX_ROUNDS or (done >= MIN_ROUNDS and elapsed >= MAX_BUDGET_FACTOR * budget_s):
+            return True
+        if done < MIN_ROUNDS or elapsed < budget_s:
+            return False
+        return reference is None or len(labels) < 2 or unresolved(stats(), reference, margin) == 0
+
     start = time.perf_counter()
     done = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        while True:
-            if rounds is not None:
-                if done >= rounds:
-                    break
-            elif done >= MAX_ROUNDS or (done >= MIN_ROUNDS and time.perf_counter() - start >= budget_s):
-                break
+        while not enough(done):
             shift = done % len(labels)
             for k in labels[shift:] + labels[:shift]:
                 run, n = runners[k], blocks[k]
-                t0 = time.perf_counter_ns()
+                t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
                 for _ in range(n):
                     run()
-                samples[k].append((time.perf_counter_ns() - t0) / n / 1e6)
+                c1, t1 = time.thread_time_ns(), time.perf_counter_ns()
+                wall[k].append((t1 - t0) / n / 1e6)
+                cpu[k].append((c1 - c0) / n / 1e6)
             done += 1
     finally:
         if gc_was_enabled:
             gc.enable()
 
-    result = {}
-    for k in labels:
-        ms = np.asarray(samples[k])
-        p10, median, p90 = (float(v) for v in np.percentile(ms, [10, 50, 90]))
-        result[k] = LatencyStats(median, p10, p90, done, blocks[k], provider, threads)
-        log.info("latency %s: %.3f ms per run (p10 %.3f, p90 %.3f) over %d rounds of %d runs on %s",
-                 k, median, p10, p90, done, blocks[k], provider)
+    result = stats()
+    for k, s in result.items():
+        cpu_text = "" if s.cpu_median_ms is None else (
+            f", thread CPU {s.cpu_median_ms:.3f} ms (p10 {s.cpu_p10_ms:.3f}, p90 {s.cpu_p90_ms:.3f})")
+        log.info("latency %s: wall %.3f ms per run (p10 %.3f, p90 %.3f)%s over %d rounds of %d runs on %s",
+                 k, s.median_ms, s.p10_ms, s.p90_ms, cpu_text, done, blocks[k], provider)
+    if reference is not None and len(labels) > 1:
+        log.info("latency: %d rounds in %.1f s, %d comparison(s) within %.0f%% of %s unresolved", done,
+                 time.perf_counter() - start, unresolved(result, reference, margin), 100 * margin, reference)
     return result
+
+
+def describe(provider: str, basis: str | None, threads: int | None, batch: int | None) -> str:
+    """What a latency figure is, in words: "cpu provider, thread CPU time, 1 thread, batch 1"."""
+    clock = {"thread-cpu": "thread CPU time", "wall": "wall time"}.get(basis or "", "not measured")
+    parts = [f"{provider} provider", clock]
+    if threads is not None:
+        parts.append("all threads" if threads == 0 else f"{threads} thread{'s' if threads > 1 else ''}")
+    if batch is not None:
+        parts.append(f"batch {batch}")
+    return ", ".join(parts)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def latency_report(lat: dict[str, LatencyStats], chosen: str, reference: str, provider: str, batch: int,
+                   margin: float) -> dict:
+    """The report's ``latency_ms``: ``before`` / ``after`` the medians of ``reference`` and ``chosen`` on the
+    decision ``basis``, ``ratio`` the median paired ratio (what the choice used) with its sign-test ``interval``
+    (None: too few rounds), the same on the wall clock under ``wall``, a ``label`` saying what the figures are,
+    ``unresolved`` the comparisons whose interval still held ``1 + margin``, and every model's stats."""
+    if not lat:
+        return {"before": None, "after": None, "provider": provider, "batch": batch, "ratio": None,
+                "basis": None, "label": describe(provider, None, None, batch), "candidates": {}}
+    a, b = lat[chosen], lat[reference]
+    r, w = paired_ratio(a, b), paired_ratio(a, b, "wall")
+    return {"before": b.figure_ms(r.basis), "after": a.figure_ms(r.basis), "provider": provider, "batch": batch,
+            "ratio": r.value, "basis": r.basis, "threads": b.threads,
+            "label": describe(provider, r.basis, b.threads, batch),
+            "interval": [_finite_or_none(r.low), _finite_or_none(r.high)], "confidence": CONFIDENCE,
+            "rounds": b.rounds, "margin": margin, "unresolved": unresolved(lat, reference, margin),
+            "wall": {"before": b.median_ms, "after": a.median_ms, "ratio": w.value,
+                     "interval": [_finite_or_none(w.low), _finite_or_none(w.high)]},
+            "candidates": {k: v.as_report() for k, v in lat.items()}}

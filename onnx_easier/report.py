@@ -69,8 +69,8 @@ def print_report(report: dict, console: Console) -> None:
                       f"strategy {report['strategy']['chosen']}")
     lat = report.get("latency_ms")
     if lat and lat.get("before") is not None and lat.get("after") is not None:
-        console.print(f"latency ({lat['provider']}, batch {lat['batch']}): {lat['before']:.3f} ms -> "
-                      f"{lat['after']:.3f} ms ({lat['ratio']:.2f}x)")
+        what = lat.get("label") or f"{lat['provider']} provider, batch {lat['batch']}"
+        console.print(f"latency ({what}): {lat['before']:.3f} ms -> {lat['after']:.3f} ms ({lat['ratio']:.2f}x)")
     ver = report.get("verification")
     if ver:
         console.print(f"written model reloaded and verified: {ver.get('metric')} {ver.get('value', 0):.3g} "
