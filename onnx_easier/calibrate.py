@@ -38,7 +38,7 @@ from onnx_easier.activations import Activation
 from onnx_easier.data import CalibrationData, batch_multiple, choose_batch_size, input_specs
 from onnx_easier.entropy import channel_on_fraction, layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
-from onnx_easier.model_io import make_session
+from onnx_easier.execution import CPU, Execution
 from onnx_easier.shapes import augment, tensor_types
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,7 @@ def calibrate(
     batch_size: int | None = None,
     moments: bool = False,
     progress: bool = False,
+    execution: Execution = CPU,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of every activation over ``data``, keyed by activation name.
 
@@ -269,7 +270,7 @@ def calibrate(
     tensors. ``batch_size`` defaults to ``choose_batch_size``, further capped so that one batch of exposed tensors
     stays near 128 MB (two are alive at a time); a model whose batch axis is fixed to N runs in batches of exactly N
     and the remaining samples are dropped with a warning. ``moments=True`` also fetches the activation outputs and
-    collects the sums that ``ChannelStats.affine_fit`` needs.
+    collects the sums that ``ChannelStats.affine_fit`` needs. The session runs on ``execution``'s provider.
     """
     names = [a.name for a in activations]
     if len(set(names)) != len(names):
@@ -305,7 +306,7 @@ def calibrate(
         )
     if not activations:
         return {}
-    sess = make_session(augment(model, fetch, types), optimize=False)
+    sess = execution.session(augment(model, fetch, types), optimize=False)
     stats: dict[str, ChannelStats] = {}
 
     def fold(values: dict[str, np.ndarray]) -> None:

@@ -559,7 +559,7 @@ def make_session(
     model: onnx.ModelProto | str | os.PathLike,
     *,
     optimize: bool = False,
-    providers: list[str] | None = None,
+    providers: list[str | tuple[str, dict[str, str]]] | None = None,
     threads: int = 0,
 ) -> ort.InferenceSession:
     """An ORT session with logging at errors only. ``optimize=False`` keeps every tensor name (no fusions)."""
@@ -581,7 +581,8 @@ def make_session(
     return _session(src, so, providers)
 
 
-def _session(src: bytes | str, so: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
+def _session(src: bytes | str, so: ort.SessionOptions,
+             providers: list[str | tuple[str, dict[str, str]]] | None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(src, so, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:

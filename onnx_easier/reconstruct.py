@@ -39,9 +39,10 @@ import onnxruntime as ort
 
 from onnx_easier.calibrate import upstream
 from onnx_easier.data import CalibrationData
+from onnx_easier.execution import CPU, Execution
 from onnx_easier.graph_utils import is_constant, single_consumer
 from onnx_easier.linear_math import ConvLayer, to_dense
-from onnx_easier.model_io import make_session, to_graph, to_model
+from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
 from onnx_easier.refit import RIDGES, RefitTooLarge, feature_count, fit_layer
 from onnx_easier.shapes import infer_shapes
@@ -198,10 +199,11 @@ class Targets:
     Batches are kept as they are computed, so a reader that stops early (a layer's row cap) leaves the prefix it
     read for the next reader, which continues from there. Everything kept stays within ``max_bytes``: the least
     recently used tensors go first; a tensor that cannot fit even alone keeps the batches that did and recomputes
-    the rest on every read."""
+    the rest on every read. Its sessions, and those of the re-fits that read it, run on ``execution``."""
 
-    def __init__(self, original: onnx.ModelProto, max_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, original: onnx.ModelProto, max_bytes: int = 256 * 2**20, execution: Execution = CPU) -> None:
         self.original = original
+        self.execution = execution
         self.max_bytes = max_bytes
         # key -> (the data set, held so its id cannot be reused while cached; its batches computed so far)
         self._store: dict[tuple[str, int, int], tuple[CalibrationData, list[np.ndarray]]] = {}
@@ -211,7 +213,7 @@ class Targets:
 
     def _session_for(self, name: str) -> ort.InferenceSession:
         if self._session is None or self._session[0] != name:
-            self._session = (name, make_session(upstream(self.original, [name])))
+            self._session = (name, self.execution.session(upstream(self.original, [name])))
         return self._session[1]
 
     def _room(self, key: tuple[str, int, int], size: int) -> bool:
@@ -272,6 +274,7 @@ def refit_layers(
     max_positions: int | None = 20000,
     batch: int = BATCH,
     softmax_head: bool = False,
+    execution: Execution = CPU,
 ) -> tuple[onnx.ModelProto, list[RefitRecord]]:
     """Re-fit the layer nodes named ``nodes`` of ``model`` (topological order) to ``original``'s tensors.
 
@@ -280,10 +283,11 @@ def refit_layers(
     samples per ORT run (the model's fixed batch size when it has one). ``softmax_head``: the outputs are logits
     judged by KL (the agreement metric); a dense layer that writes a graph output ``[N, K]`` directly is then
     re-fitted once more, to the original's class probabilities (softmax_fit.py), kept if the KL on ``check``
-    drops.
+    drops. Every session runs on the ``Targets``' execution (``execution`` when ``original`` is a model), so the
+    layer inputs and the original's targets come from the same provider.
     Returns the new model and one record per layer tried (a second one for a KL re-fit).
     """
-    targets = original if isinstance(original, Targets) else Targets(original)
+    targets = original if isinstance(original, Targets) else Targets(original, execution=execution)
     original_names = {o for n in targets.original.graph.node for o in n.output}
     records: list[RefitRecord] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}
@@ -299,7 +303,7 @@ def refit_layers(
         t0 = time.perf_counter()
         head = softmax_head and _is_head(site, model)
         rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
-        session = make_session(upstream(model, site.reads))  # the current model, cut: shared by both passes
+        session = targets.execution.session(upstream(model, site.reads))  # the current model, cut: both passes
         fit_pairs = _pairs(session, targets, site, fit, batch)
         check_pairs = _pairs(session, targets, site, check, batch)
         if head:

@@ -38,10 +38,11 @@ from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, batch_multiple, input_specs
 from onnx_easier.errors import OnnxEasierError
+from onnx_easier.execution import CPU, Execution
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.graph_utils import is_constant
-from onnx_easier.model_io import make_session, to_graph, to_model
+from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
@@ -247,12 +248,13 @@ class Judge:
     """Fidelity of candidates against the original on the held-out samples (original outputs computed once)."""
 
     def __init__(self, original: onnx.ModelProto, holdout: CalibrationData, metric: str | None, tolerance: float,
-                 batch: int) -> None:
+                 batch: int, execution: Execution = CPU) -> None:
+        self.execution = execution  # the run's provider: every candidate is compared with the original run on it
         self.holdout = holdout
         self.metric = metric
         self.tolerance = tolerance
         self.batch = batch
-        session = make_session(original)
+        session = execution.session(original)
         self.names = [o.name for o in session.get_outputs()]
         self.reference = [[as_array(v) for v in session.run(self.names, feed)] for feed in holdout.batches(batch)]
         first = self.reference[0] if self.reference else []
@@ -262,7 +264,7 @@ class Judge:
             looks_like_probabilities(r.reshape(r.shape[0], -1)) for r in first)
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
-        session = make_session(model)
+        session = self.execution.session(model)
         acc = FidelityAccumulator(self.metric, self.tolerance)
         for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
             acc.update(ref, [as_array(v) for v in session.run(self.names, feed)])
@@ -270,7 +272,7 @@ class Judge:
 
     def max_relative_error(self, model: onnx.ModelProto) -> float:
         """``output_error`` of ``model`` against the original on the held-out samples (metric-independent)."""
-        session = make_session(model)
+        session = self.execution.session(model)
         return max((output_error(ref, session.run(self.names, feed))
                     for ref, feed in zip(self.reference, self.holdout.batches(self.batch))), default=0.0)
 
@@ -436,7 +438,7 @@ class Search:
     on_step: StepHook | None = None  # on_step("search <strategy>", trials done, trials planned, message)
 
     def __post_init__(self) -> None:
-        self.targets = Targets(self.original)
+        self.targets = Targets(self.original, execution=self.judge.execution)
         self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
         self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
 
@@ -460,7 +462,7 @@ class Search:
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
             return {}
-        return calibrate(model, acts, self.fit, moments=True)
+        return calibrate(model, acts, self.fit, moments=True, execution=self.judge.execution)
 
     def run(self, strategy: str) -> SearchResult:
         """One greedy pass over the candidates of ``strategy`` (module doc).

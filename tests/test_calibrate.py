@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_easier import calibrate as calibrate_module
+from onnx_easier import execution as execution_module
 from onnx_easier.activations import Activation
 from onnx_easier.calibrate import ChannelStats, calibrate, upstream
 from onnx_easier.data import CalibrationData, input_specs, load_data
@@ -447,6 +447,9 @@ def test_no_batch_outlives_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None
         def __init__(self, sess):
             self.sess = sess
 
+        def __getattr__(self, name):  # get_providers and the rest: the session's own
+            return getattr(self.sess, name)
+
         def run(self, names, feed):
             for old in fetched[:-1]:
                 assert all(r() is None for r in old), "a tensor fetched two batches ago is still referenced"
@@ -454,8 +457,8 @@ def test_no_batch_outlives_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None
             fetched.append([weakref.ref(o) for o in outs])
             return outs
 
-    real = calibrate_module.make_session
-    monkeypatch.setattr(calibrate_module, "make_session", lambda *a, **k: Watched(real(*a, **k)))
+    real = execution_module.make_session  # the sessions of calibrate (execution.Execution.session)
+    monkeypatch.setattr(execution_module, "make_session", lambda *a, **k: Watched(real(*a, **k)))
     calibrate(_net(), _acts(), _data(30), batch_size=4, moments=True)
     assert [len(f) for f in fetched] == [4] * 8  # 8 batches, 4 fetched tensors each (conv, gemm, act1, y)
     assert all(r() is None for f in fetched for r in f)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_easier import api, model_io
+from onnx_easier import execution, model_io
 from onnx_easier.cli import main
 from onnx_easier.errors import UnsupportedModelError
 
@@ -251,7 +251,7 @@ def test_paper_mode_one_session_at_a_time(tmp_path: Path, monkeypatch) -> None:
     src = _external_mlp(tmp_path, 32, 2)
     live: list[weakref.ref] = []
     most = [0]
-    real = api.make_session
+    real = execution.make_session
 
     def counted(model, **kw):
         session = real(model, **kw)
@@ -259,7 +259,7 @@ def test_paper_mode_one_session_at_a_time(tmp_path: Path, monkeypatch) -> None:
         most[0] = max(most[0], sum(r() is not None for r in live))
         return session
 
-    monkeypatch.setattr(api, "make_session", counted)
+    monkeypatch.setattr(execution, "make_session", counted)
     assert main([str(src), str(tmp_path / "o.onnx"), "--remove", "0", "-q"]) == 0
     assert most[0] == 1
     assert (tmp_path / "o.onnx.data").exists()
