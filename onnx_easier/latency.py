@@ -81,6 +81,17 @@ class LatencyStats:
     wall_rounds: tuple[float, ...] = field(default=(), repr=False)
     cpu_rounds: tuple[float, ...] = field(default=(), repr=False)
 
+    @classmethod
+    def from_rounds(cls, wall: list[float], cpu: list[float] | None, block: int, provider: str,
+                    threads: int) -> LatencyStats:
+        """The statistics of per-round figures (ms per run, in round order); ``cpu`` None: no thread CPU time."""
+        p10, median, p90 = (float(v) for v in np.percentile(wall, [10, 50, 90]))
+        cp10 = cmedian = cp90 = None
+        if cpu is not None:
+            cp10, cmedian, cp90 = (float(v) for v in np.percentile(cpu, [10, 50, 90]))
+        return cls(median, p10, p90, len(wall), block, provider, threads, cmedian, cp10, cp90, tuple(wall),
+                   tuple(cpu or ()))
+
     @property
     def basis(self) -> str:
         """"thread-cpu" when the thread CPU figures exist, else "wall"."""
@@ -241,16 +252,6 @@ def _check_args(provider: str, threads: int, warmup: int, repeats: int | None, r
         raise BadArgumentError(f"the time budget must be > 0 s, not {budget_s}")
 
 
-def _stats(wall: list[float], cpu: list[float] | None, block: int, provider: str, threads: int) -> LatencyStats:
-    """LatencyStats from the per-round figures (ms per run); ``cpu`` None: no thread CPU figures."""
-    p10, median, p90 = (float(v) for v in np.percentile(wall, [10, 50, 90]))
-    cp10 = cmedian = cp90 = None
-    if cpu is not None:
-        cp10, cmedian, cp90 = (float(v) for v in np.percentile(cpu, [10, 50, 90]))
-    return LatencyStats(median, p10, p90, len(wall), block, provider, threads, cmedian, cp10, cp90,
-                        tuple(wall), tuple(cpu or ()))
-
-
 def measure_latency(
     models: dict[str, onnx.ModelProto | bytes],
     feeds: dict[str, np.ndarray],
@@ -298,7 +299,8 @@ def measure_latency(
     cpu: dict[str, list[float]] = {k: [] for k in labels}
 
     def stats() -> dict[str, LatencyStats]:
-        return {k: _stats(wall[k], cpu[k] if cpu_basis else None, blocks[k], provider, threads) for k in labels}
+        return {k: LatencyStats.from_rounds(wall[k], cpu[k] if cpu_basis else None, blocks[k], provider, threads)
+                for k in labels}
 
     def enough(done: int) -> bool:
         if rounds is not None:
