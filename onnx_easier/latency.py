@@ -10,10 +10,12 @@ Interleaving matters on a shared machine: a burst of load from another process s
 and since every model has a block in every round, the burst lands on all of them rather than on one model's
 whole measurement. The median then discards the disturbed rounds.
 
-The measurement is time-budgeted: with ``repeats=None`` each block is sized from the warm-up timings so that
-``rounds`` rounds of all models take about ``budget_s`` seconds; with ``rounds=None`` rounds go on until the
-budget is spent (at least MIN_ROUNDS, at most MAX_ROUNDS). A model slower than the budget still gets MIN_ROUNDS
-blocks of one run.
+The measurement is time-budgeted, on the clock of its basis (below: thread CPU time, or wall time): with
+``repeats=None`` each block is sized from the warm-up timings so that ``rounds`` rounds of all models take about
+``budget_s`` seconds; with ``rounds=None`` rounds go on until the budget is spent (at least MIN_ROUNDS, at most
+MAX_ROUNDS). A model slower than the budget still gets MIN_ROUNDS blocks of one run. A thread CPU budget keeps
+the rounds as many on a busy machine as on an idle one (the wall time grows with the load, as every other step's
+does), up to MAX_WALL_FACTOR x ``budget_s`` of wall time.
 
 ``provider="cuda"`` uses CUDAExecutionProvider (CPU for the nodes it lacks) with IO binding: inputs are copied to
 the GPU once and outputs stay there, so the time is the model's, not the PCIe copies' (which are the same for
@@ -57,6 +59,7 @@ DEFAULT_BUDGET_S = 1.5
 DEFAULT_ROUNDS = 20  # with repeats=None: rounds the blocks are sized for
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
 MAX_BUDGET_FACTOR = 4  # with a reference: rounds go on until resolved, for at most this many times budget_s
+MAX_WALL_FACTOR = 20  # and never past this many times budget_s of wall time (a thread CPU budget on a busy machine)
 CONFIDENCE = 0.99  # of the sign-test interval of a median per-round ratio
 BASES = ("thread-cpu", "wall")
 
@@ -282,13 +285,14 @@ def measure_latency(
     runners = {k: _runner(_session(models[k], provider, threads), feeds, k, provider) for k in labels}
     cpu_basis = provider == "cpu" and threads == 1
 
+    clock = time.thread_time if cpu_basis else time.perf_counter  # of the budget: the basis's clock
     per_run: dict[str, float] = {}
     for k in labels:  # warm-up, and a first estimate of one run's time
         times = []
         for _ in range(max(warmup, 0 if repeats else 2)):
-            t0 = time.perf_counter()
+            t0 = clock()
             runners[k]()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         per_run[k] = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
 
     target_rounds = rounds or DEFAULT_ROUNDS
@@ -305,14 +309,17 @@ def measure_latency(
     def enough(done: int) -> bool:
         if rounds is not None:
             return done >= rounds
-        elapsed = time.perf_counter() - start
-        if done >= MAX_ROUNDS or (done >= MIN_ROUNDS and elapsed >= MAX_BUDGET_FACTOR * budget_s):
+        if done >= MAX_ROUNDS:
+            return True
+        elapsed = clock() - start
+        capped = elapsed >= MAX_BUDGET_FACTOR * budget_s or time.perf_counter() - wall_start >= MAX_WALL_FACTOR * budget_s
+        if done >= MIN_ROUNDS and capped:
             return True
         if done < MIN_ROUNDS or elapsed < budget_s:
             return False
         return reference is None or len(labels) < 2 or unresolved(stats(), reference, margin) == 0
 
-    start = time.perf_counter()
+    start, wall_start = clock(), time.perf_counter()
     done = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -339,8 +346,9 @@ def measure_latency(
         log.info("latency %s: wall %.3f ms per run (p10 %.3f, p90 %.3f)%s over %d rounds of %d runs on %s",
                  k, s.median_ms, s.p10_ms, s.p90_ms, cpu_text, done, blocks[k], provider)
     if reference is not None and len(labels) > 1:
-        log.info("latency: %d rounds in %.1f s, %d comparison(s) within %.0f%% of %s unresolved", done,
-                 time.perf_counter() - start, unresolved(result, reference, margin), 100 * margin, reference)
+        log.info("latency: %d rounds in %.1f s (%.1f s on the %s clock), %d comparison(s) within %.0f%% of %s "
+                 "unresolved", done, time.perf_counter() - wall_start, clock() - start,
+                 "thread CPU" if cpu_basis else "wall", unresolved(result, reference, margin), 100 * margin, reference)
     return result
 
 
