@@ -45,6 +45,7 @@ from onnx_easier.select import (
     Judge,
     Search,
     SearchResult,
+    StepHook,
     fuse_model,
     kept_nodes,
     linearize_and_fuse,
@@ -121,20 +122,73 @@ class Result:
     def write(self, path: str | os.PathLike, *, keep_failed: bool = False) -> dict:
         """Save atomically, reload the file from disk, verify it against the original; publish it only if the
         verification passes (or ``keep_failed``). The figures go into ``report["verification"]``; a failure
-        raises VerificationError (exit code 1)."""
+        raises VerificationError (exit code 1). Its seconds go into ``report["phases"]`` (``verification``: reload
+        and check; ``write``: the rest) and ``report["seconds"]``."""
         figures: dict = {}
+        checking = 0.0
 
         def check(tmp: str) -> None:
-            figures.update(self.verifier(read_model(tmp)) if self.verifier else {"ok": True})
+            nonlocal checking
+            t0 = time.perf_counter()
+            try:
+                figures.update(self.verifier(read_model(tmp)) if self.verifier else {"ok": True})
+            finally:
+                checking = time.perf_counter() - t0
             if not figures["ok"] and not keep_failed:
                 raise VerificationError(_verification_message(figures) + "; nothing was written "
                                         "(--keep-failed writes it anyway)")
 
-        save_model(self.model, path, check)
+        t_write = time.perf_counter()
+        try:
+            save_model(self.model, path, check)
+        finally:
+            self._add_seconds(time.perf_counter() - t_write, checking)
         self.report["verification"] = figures
         if not figures.get("ok", True):
             raise VerificationError(_verification_message(figures) + f"; written anyway to {path} (--keep-failed)")
         return figures
+
+
+    def _add_seconds(self, total: float, checking: float) -> None:
+        """Account ``total`` seconds of writing, ``checking`` of them verifying, in the report's phases and seconds."""
+        phases = self.report.setdefault("phases", {})
+        phases["verification"] = round(phases.get("verification", 0.0) + checking, 3)
+        phases["write"] = round(phases.get("write", 0.0) + total - checking, 3)
+        if "seconds" in self.report:
+            self.report["seconds"] = round(self.report["seconds"] + total, 3)
+
+
+class Laps:
+    """Wall seconds per phase of one run: ``start(name)`` ends the running phase and starts ``name`` (a phase may
+    run more than once: its seconds add up), and tells ``on_step`` (select.StepHook) that it started."""
+
+    def __init__(self, on_step: StepHook | None = None) -> None:
+        self.on_step = on_step
+        self.seconds: dict[str, float] = {}
+        self._running: str | None = None
+        self._t0 = 0.0
+
+    def start(self, name: str, message: str = "") -> None:
+        self.stop()
+        self._running, self._t0 = name, time.perf_counter()
+        self.say(message)
+
+    def say(self, message: str) -> None:
+        """Tell ``on_step`` something about the running phase (nothing counted)."""
+        if self.on_step and self._running is not None:
+            self.on_step(self._running, 0, 0, message)
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self.seconds[self._running] = self.seconds.get(self._running, 0.0) + time.perf_counter() - self._t0
+            self._running = None
+
+    def report(self, total: float) -> dict[str, float]:
+        """The report's ``phases``: seconds per phase, rounded, and ``other`` (what no phase covers) so that they
+        add up to ``total``."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(0.0, total - sum(self.seconds.values())), 3)
+        return out
 
 
 def _verification_message(figures: dict) -> str:
@@ -210,7 +264,7 @@ def optimize(
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool = False,
-    on_step: Callable[[str], None] | None = None,
+    on_step: StepHook | None = None,
     time_limit: float | None = None,
 ) -> Result:
     """Make ``model`` shallower.
@@ -223,7 +277,10 @@ def optimize(
 
     ``remove=K`` (the paper's mode): linearize exactly the K lowest-entropy activations, fuse, no re-fit, no
     fidelity budget. Either way the fused model is checked against its unfused reference (fusions are exact).
-    ``progress`` shows calibration progress bars; ``on_step(message)`` is called once per search trial and long step.
+    ``progress`` shows calibration progress bars; ``on_step(phase, done, planned, message)`` (select.StepHook) is
+    called when a phase starts (``calibration``, ``exact_fusion``, ``search``, ``latency``, ``verification``; done =
+    planned = 0) and after each search trial (phase ``search <strategy>``, trials done and planned). The report's
+    ``phases`` gives the seconds of each phase (``Result.write`` adds the written file's verification).
     ``time_limit`` (seconds from the call): no search trial starts after it; the best model verified so far (the
     candidates accepted until then) goes on to the latency step and is written, and the report says the search was
     cut short (``report["time_limit"]``). None: no limit.
@@ -243,20 +300,25 @@ def optimize(
     if time_limit is not None and not time_limit > 0:
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
     t_start = time.perf_counter()
+    laps = Laps(on_step)
+    laps.start("calibration")
     paper = remove is not None
     execution = resolve(provider)
     analysis = _analyze(model, data, samples=samples, seed=seed, input_shapes=input_shapes,
                         moments=paper and linearize_mode == "affine" and remove > 0, progress=progress,
                         execution=execution)
     shapes = _sample_shapes(analysis.data)
+    laps.start("exact_fusion")
     if paper:
         out, report, verifier = _paper_mode(analysis, remove, linearize_mode, shapes, execution)
     else:
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
-                                   shapes=shapes, seed=seed, on_step=on_step,
+                                   shapes=shapes, seed=seed, laps=laps,
                                    deadline=None if time_limit is None else t_start + time_limit, execution=execution)
+    laps.stop()
     report["seconds"] = round(time.perf_counter() - t_start, 3)
+    report["phases"] = laps.report(report["seconds"])
     return Result(out, report, analysis, verifier)
 
 
@@ -371,7 +433,7 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
-                 on_step: Callable[[str], None] | None,
+                 laps: Laps,
                  deadline: float | None = None, execution: Execution = CPU) -> tuple[onnx.ModelProto, dict, Callable]:
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
@@ -384,7 +446,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, on_step, checks, deadline)
+                    max_remove, shapes, None, checks, deadline, on_step=laps.on_step)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
     big = external_dir(analysis.model) is not None
@@ -394,6 +456,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                     "(each search trial and each timed session would hold another copy of the weights)")
         log.warning("%s", big_note)
     if tolerance > 0 and analysis.activations and max_remove != 0 and not big:
+        laps.start("search")
         for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
             if deadline is not None and time.perf_counter() >= deadline:
                 skipped.append(s)
@@ -401,6 +464,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
             results.append(search.run(s))
 
     # latency: original, exact, every search result, interleaved; keep the fastest, never slower than the input
+    laps.start("latency")
     lat_batch = run_batch(analysis.model, analysis.data, 1)  # batch 1 unless the model fixes its batch
     feeds = next(analysis.data.batches(lat_batch, drop_last=True))
     models = {"original": analysis.model, "exact": exact_model}
@@ -413,9 +477,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     if big:
         lat, chosen = {}, "exact"  # the exact fusions never add MACs (cost-aware)
     else:
-        if on_step:
-            on_step(f"measuring latency of {len(models)} models on {provider} (interleaved, "
-                    f"{'thread CPU' if provider == 'cpu' else 'wall'} time)")
+        laps.say(f"measuring latency of {len(models)} models on {provider} (interleaved, "
+                 f"{'thread CPU' if provider == 'cpu' else 'wall'} time)")
         lat = measure_latency(models, feeds, provider=provider, reference="original", margin=NOISE_MARGIN)
         chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
                          lambda k: measure(models[k], 0, shapes).macs,
@@ -427,6 +490,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     result = next((r for r in results if f"search:{r.strategy}" == chosen), None)
     out = models[chosen]
     linearized = set(result.linearized) if result else set()
+    laps.start("verification", "fidelity of the model chosen on the held-out samples")
     fidelity = judge(out)
 
     tried: dict[str, float] = {}  # the fidelity each activation had when first tried by the strategy kept

@@ -11,11 +11,23 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from onnx_easier import __version__
 from onnx_easier.errors import BadArgumentError, OnnxEasierError
@@ -117,9 +129,79 @@ class Interrupts:
             raise KeyboardInterrupt
 
 
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``, ``12s``."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class _TimeLeft(ProgressColumn):
+    """``~3m05s left``, counting down to the task's ``until`` field (a time.perf_counter(); None: nothing shown)."""
+
+    def render(self, task: Task) -> Text:
+        until = task.fields.get("until")
+        return Text("" if until is None else f"~{_duration(max(0.0, until - time.perf_counter()))} left")
+
+
+class StepDisplay:
+    """What a terminal shows of a run (``on_step(phase, done, planned, message)``, select.StepHook): the phase,
+    steps done / planned and the time left, estimated from the mean step of the phase so far and capped by the time
+    limit (no trial starts after it); each message is one line above the bar. Calibration shows its own bar
+    (calibrate.py): this one is not live meanwhile (one live display at a time)."""
+
+    def __init__(self, console: Console, deadline: float | None = None) -> None:
+        self.console = console
+        self.deadline = deadline  # time.perf_counter() of the time limit
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._phase: str | None = None
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, done: int, planned: int, message: str) -> None:
+        now = time.perf_counter()
+        new = phase != self._phase
+        if new:
+            self._phase, self._t0 = phase, now
+        if phase == "calibration":
+            self.close()
+            return
+        if self._progress is None:
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.fields[count]}"), TimeElapsedColumn(), _TimeLeft(),
+                                      console=self.console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("", total=None, count="", until=None)
+            new = True
+        if message:
+            self._progress.console.print(message, markup=False, highlight=False)
+        fields = {"total": planned or None, "completed": done, "description": phase.replace("_", " "),
+                  "count": f"{done}/{planned}" if planned else "", "until": self.finish(done, planned, now)}
+        if new:  # the elapsed time counts from the phase's start
+            self._progress.reset(self._task, **fields)
+        else:
+            self._progress.update(self._task, **fields)
+
+    def finish(self, done: int, planned: int, now: float) -> float | None:
+        """When the phase should end (time.perf_counter()), from the mean step so far; at the latest one step
+        after the time limit. None before the first step or without a plan."""
+        if not done or done >= planned:
+            return None
+        mean = (now - self._t0) / done
+        left = mean * (planned - done)
+        if self.deadline is not None:
+            left = min(left, max(0.0, self.deadline - now) + mean)
+        return now + left
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
 def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | None = None) -> int:
     """Do the job described by parsed ``args``; raise OnnxEasierError on bad input."""
-    from onnx_easier import api, report
     from onnx_easier.data import parse_input_shapes
 
     if args.samples is not None and args.samples < 1:
@@ -132,6 +214,18 @@ def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | Non
         raise BadArgumentError("OUT and --report name the same file")
     shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     progress = not args.quiet and sys.stderr.isatty()
+    display = StepDisplay(console, None if not args.time_limit else time.perf_counter() + args.time_limit) \
+        if progress and args.output else None
+    try:
+        return _run(args, shapes, progress, display, interrupts)
+    finally:
+        if display is not None:
+            display.close()
+
+
+def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display: StepDisplay | None,
+         interrupts: Interrupts | None) -> int:
+    from onnx_easier import api, report
 
     if args.output is None:
         analysis = api.analyze(args.input, args.data, samples=args.samples, seed=args.seed, input_shapes=shapes,
@@ -142,18 +236,20 @@ def run(args: argparse.Namespace, console: Console, interrupts: Interrupts | Non
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
                               linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
-                              time_limit=args.time_limit or None,
-                              on_step=(lambda msg: console.print(msg, markup=False, highlight=False))
-                              if progress else None)
+                              time_limit=args.time_limit or None, on_step=display)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:
             interrupts.check()
+        if display is not None:
+            display("verification", 0, 0, f"writing {args.output}: reload and verify")
         try:
             result.write(args.output, keep_failed=args.keep_failed)
         except OnnxEasierError:
             _write_reports(rep, args.report)  # a failed verification is reported (not on an interrupt)
             raise
+    if display is not None:
+        display.close()
     _write_reports(rep, args.report)
     if not args.quiet:
         report.print_report(rep, Console())

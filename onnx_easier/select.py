@@ -480,7 +480,7 @@ class Search:
         best: Fidelity | None = None
         candidates = self.ordered(strategy)
         untried = 0
-        self._step(strategy, 0, candidates, 0, done, f"{len(candidates)} candidates")
+        self._step(strategy, 0, candidates, 0, done, f"{strategy} search: {len(candidates)} candidates")
         for index, cand in enumerate(candidates):
             if self.deadline is not None and time.perf_counter() >= self.deadline:
                 untried = len(candidates) - index

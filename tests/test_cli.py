@@ -253,3 +253,63 @@ def test_help_lists_every_exit_code(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for code in ("0 ok", "2 bad input", "1 internal failure", "130 interrupted"):
         assert code in text
+
+
+def test_report_gives_seconds_per_phase_and_steps_are_counted(files, capsys) -> None:
+    """The report's phases add up to its seconds (the written file's verification included); ``on_step`` hears
+    each phase start and each search trial with trials done / planned (planned never below done)."""
+    from onnx_easier.api import optimize
+
+    steps: list[tuple[str, int, int, str]] = []
+    result = optimize(files["model"], files["data"], strategy="entropy", on_step=lambda *a: steps.append(a))
+    result.write(files["dir"] / "out.onnx")
+    phases, total = result.report["phases"], result.report["seconds"]
+    assert {"calibration", "exact_fusion", "search", "latency", "verification", "write"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(total, abs=0.01)
+    started = [p for p, done, planned, _ in steps if done == planned == 0]
+    assert started[:3] == ["calibration", "exact_fusion", "search"] and "latency" in started
+    trials = [(done, planned) for p, done, planned, _ in steps if p == "search entropy" and done]
+    assert [d for d, _ in trials] == list(range(1, result.report["trials"] + 1))
+    assert all(0 < d <= p for d, p in trials) and trials[-1][0] == trials[-1][1]  # the plan ends where it stops
+    first_plan = next(p for ph, d, p, _ in steps if ph == "search entropy" and d == 0)
+    assert first_plan == len(result.report["activations"])  # one candidate per activation, none excluded yet
+
+
+def test_step_display_shows_phase_count_and_time_left() -> None:
+    """On a terminal: the phase, trials done / planned, an estimate of the time left; messages as lines."""
+    import io
+
+    from rich.console import Console
+
+    from onnx_easier.cli import StepDisplay
+
+    out = io.StringIO()
+    display = StepDisplay(Console(file=out, force_terminal=True, width=100))
+    display("calibration", 0, 0, "")
+    display("search entropy", 0, 4, "entropy search: 4 candidates")
+    display._t0 -= 30.0  # as if the first trial took 30 s
+    display("search entropy", 1, 4, "entropy trial 1: relu1: loss 0.0010 kept")
+    assert display.finish(1, 4, display._t0 + 30.0) == pytest.approx(display._t0 + 120.0)
+    display._progress.refresh()
+    display.close()
+    text = out.getvalue()
+    assert "entropy trial 1: relu1" in text and "search entropy" in text and "1/4" in text
+    assert "~1m30s left" in text or "~1m29s left" in text
+    limited = StepDisplay(Console(file=io.StringIO()), deadline=100.0)
+    limited._t0 = 0.0
+    assert limited.finish(1, 20, 10.0) == pytest.approx(110.0)  # at most one trial after the time limit
+
+
+def test_no_progress_when_not_a_terminal(files) -> None:
+    """Piped stderr (a log file, CI): no progress lines or bars, only what a warning or error says."""
+    import subprocess
+    import sys
+
+    out = files["dir"] / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnx_easier.cli", str(files["model"]), str(out), "--data",
+                           str(files["data"]), "--max-remove", "1", "--strategy", "entropy"],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("trial", "search", "calibrat", "latency of", "left", "\x1b["):
+        assert word not in proc.stderr, proc.stderr
