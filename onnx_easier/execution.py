@@ -28,6 +28,8 @@ graph, on one batch of at most 8 samples, against a bound derived from float32 r
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -94,8 +96,24 @@ def resolve(provider: str) -> Execution:
             f"--provider {provider}: this onnxruntime has no {execution.name}; install onnxruntime-gpu in its "
             "place (README, GPU) or use --provider cpu"
         )
+    _preload()
     execution.session(_probe())
     return execution
+
+
+def _preload() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's pip packages (``onnxruntime-gpu[cuda,cudnn]``), which are on
+    no library path: ``onnxruntime.preload_dlls`` (ORT 1.21 and later). Libraries already loaded (e.g. by torch) or
+    found on the library path are used as they are; what it prints about libraries it could not load goes to the
+    debug log (the probe session then says whether CUDA starts)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        preload()
+    if said.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", " ".join(said.getvalue().split()))
 
 
 def _probe() -> onnx.ModelProto:

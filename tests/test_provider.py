@@ -5,7 +5,7 @@ CPU, and reports the providers asked for as the ones it uses (or only CPU, to si
 """
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,10 @@ from onnx_easier import analyze, latency, optimize
 from onnx_easier.cli import main
 from onnx_easier.errors import BadArgumentError
 from onnx_easier.execution import CPU, WORK_OPTIONS, Execution, resolve
+
+_SPEC = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "tools" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gpu_check)  # its session_caller: which module asked for a session
 
 CUDA = "CUDAExecutionProvider"
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -37,19 +41,6 @@ def _name(p: str | tuple) -> str:
     return p if isinstance(p, str) else p[0]
 
 
-def _caller() -> str:
-    """The innermost onnx_easier module on the stack that asked for the session (not model_io nor execution,
-    except execution.resolve's probe)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        helper_frame = module in ("onnx_easier.model_io", "onnx_easier.execution") and frame.f_code.co_name != "resolve"
-        if module.startswith("onnx_easier.") and not helper_frame:
-            return module.rsplit(".", 1)[1]
-        frame = frame.f_back
-    return "?"
-
-
 @pytest.fixture()
 def sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list]]:
     """Every ORT session made from now on, as (calling module, providers asked for); CUDA is 'available' and
@@ -60,7 +51,7 @@ def sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list]]:
     class Recorded(real):
         def __init__(self, src, sess_options=None, providers=None, **kw) -> None:
             asked = list(providers or ["CPUExecutionProvider"])
-            made.append((_caller(), asked))
+            made.append((gpu_check.session_caller(), asked))
             self._asked = [_name(p) for p in asked]
             super().__init__(src, sess_options, providers=["CPUExecutionProvider"], **kw)
 
