@@ -15,6 +15,10 @@
 #   markdown_it_py-4.3.0       present with the preinstalled onnxruntime / torch, except perhaps protobuf, ml_dtypes)
 #   mdurl-0.1.2, pygments-2.21.0, ml_dtypes-0.7.0, protobuf-7.36.2 (optional, only if missing there)
 # torch (preinstalled) exports the second model; numpy comes with the machine.
+# On the nvidia-h200 image (device README, KINDS.md) everything but onnxruntime-gpu and onnx-graphsurgeon is there.
+# onnxruntime-gpu's wheel is 255 MB, over the 64 MiB a call carries: split it (`split -b 50M`, see below), carry one
+# part per call into /tmp/whlparts on a machine kept warm (`mkdir -p /tmp/whlparts && cp .whlparts/* /tmp/whlparts/`),
+# and run this script in the last call: it reassembles the parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -23,8 +27,20 @@ mkdir -p "$OUT"
 check() {
 t0=$(date +%s)
 if [ -z "${GPU_CHECK_SKIP_CUDA:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || echo "pip install of .whl/*.whl failed"
+  # wheels: .whl/*.whl, and wheels split into parts (NAME.whl.part-aa, -ab, ...: `split -b 50M NAME.whl
+  # .whlparts/NAME.whl.part-`) found in .whlparts/ or left in /tmp/whlparts by earlier calls on the same warm machine
+  mkdir -p /tmp/whl /tmp/whlparts
+  cp .whl/*.whl /tmp/whl/ 2>/dev/null
+  cp .whlparts/*.part-* /tmp/whlparts/ 2>/dev/null
+  for first in /tmp/whlparts/*.part-aa; do
+    [ -e "$first" ] || continue
+    name=$(basename "$first" .part-aa)
+    cat /tmp/whlparts/"$name".part-* > /tmp/whl/"$name"
+    echo "reassembled $name from $(ls /tmp/whlparts/"$name".part-* | wc -l) parts: $(sha256sum < /tmp/whl/"$name" | cut -c1-16)"
+  done
+  ls -la /tmp/whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/whl/*.whl \
+    || echo "pip install of the wheels failed"
   export PYTHONPATH=/tmp/site:$PWD
   # CUDA 13 and cuDNN 9 libraries of torch's nvidia packages, for onnxruntime-gpu's CUDA provider
   NVLIB=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))})))" 2>/dev/null)
