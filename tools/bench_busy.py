@@ -10,10 +10,11 @@ measurement or run; "idle" is whatever else the machine runs (the load average i
    settings: cpu provider, one thread, batch 1), on both clocks: the spread (10th-90th percentile) of the per-round
    ratios copy / original, the median ratio and its 99% sign-test interval, and the rounds the stopping rule took.
    Models: ``tests/test_latency.merge_model`` and ``models/mobilenetv2_digits.onnx`` (random input).
-2. **Decision**: the default ``optimize`` on ``merge_model`` (64 random samples; relu1 linearized merges conv1 and
-   conv2, about 10% fewer MACs): which model it wrote, its ratio in thread CPU time (the decision's basis) and in
-   wall time, and whether the previous rule (medians of wall time, 3% margin, from the report's candidates) would
-   have kept a linearized model from the same measurement.
+2. **Decision**: the default ``optimize`` on ``merge_model(wide=W)`` for each ``--wide`` W (64 random samples;
+   relu1 linearized merges conv1 and conv2: 1/(W+2) fewer MACs, 10% at W=8, 5.6% at W=16): which model it wrote,
+   its ratio in thread CPU time (the decision's basis) and in wall time, and whether the previous rule (medians of
+   wall time, 3% margin, from the report's candidates) would have kept a linearized model from the same
+   measurement.
 """
 
 from __future__ import annotations
@@ -79,15 +80,15 @@ def wall_rule_keeps(candidates: dict[str, dict]) -> bool:
     return any(k.startswith("search:") and v <= best * (1 + NOISE_MARGIN) for k, v in fast.items())
 
 
-def decision(busy: bool) -> dict:
-    """One default run on merge_model: what it wrote and the figures it decided on."""
+def decision(busy: bool, wide: int) -> dict:
+    """One default run on merge_model(wide=wide): what it wrote and the figures it decided on."""
     x = np.random.default_rng(1).uniform(0, 1, size=(64, 64, 8, 8)).astype(np.float32)
     with load(busy):
         t0 = time.perf_counter()
-        r = optimize(merge_model(), {"x": x})
+        r = optimize(merge_model(wide=wide), {"x": x})
         seconds = time.perf_counter() - t0
     lat = r.report["latency_ms"]
-    return {"busy": busy, "seconds": seconds, "chosen": r.report["strategy"]["chosen"],
+    return {"busy": busy, "wide": wide, "seconds": seconds, "chosen": r.report["strategy"]["chosen"],
             "linearized": sum(a["action"] == "linearized" for a in r.report["activations"]),
             "ratio_cpu": lat["ratio"], "interval_cpu": lat["interval"], "ratio_wall": lat["wall"]["ratio"],
             "rounds": lat["rounds"], "unresolved": lat["unresolved"],
@@ -101,6 +102,8 @@ def _load_average() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--wide", default="8,16", help="merge_model widths for the decision runs (comma-separated)")
+    ap.add_argument("--skip-noise", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     mnv2 = onnx.load(str(ROOT / "models" / "mobilenetv2_digits.onnx"))
@@ -111,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
           f"{_load_average()}")
     rows = []
-    for name, (model, feeds) in models.items():
+    for name, (model, feeds) in models.items() if not args.skip_noise else ():
         for busy in (False, True):
             rows += [noise(name, model, feeds, busy) for _ in range(args.repeats)]
     print(f"\nnoise: copy / original, {args.repeats} measurements each ({_load_average()})\n")
     print("| model | machine | clock | per-round ratio p10-p90 | median ratio (range over measurements) "
           "| widest 99% interval | rounds |")
     print("|---|---|---|---|---|---|---|")
-    for name in models:
+    for name in models if not args.skip_noise else ():
         for busy in (False, True):
             sel = [r for r in rows if r["model"] == name and r["busy"] == busy]
             for basis in ("thread-cpu", "wall"):
@@ -128,15 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"{min(x['ratio'] for x in b):.3f}-{max(x['ratio'] for x in b):.3f} | "
                       f"{min(x['interval'][0] for x in b):.3f}-{max(x['interval'][1] for x in b):.3f} | "
                       f"{min(r['rounds'] for r in sel)}-{max(r['rounds'] for r in sel)} |")
-    runs = [decision(busy) for busy in (False, True) for _ in range(args.repeats)]
+    widths = [int(w) for w in args.wide.split(",")]
+    runs = [decision(busy, w) for w in widths for busy in (False, True) for _ in range(args.repeats)]
     print(f"\ndecision: default run on merge_model, {args.repeats} runs each ({_load_average()})\n")
-    print("| machine | merged model written | ratio, thread CPU | ratio, wall | wall-median rule would keep it "
-          "| rounds | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for busy in (False, True):
-        sel = [r for r in runs if r["busy"] == busy]
+    print("| wide (MACs saved) | machine | merged model written | ratio, thread CPU | ratio, wall "
+          "| wall-median rule would keep it | rounds | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w, busy in ((w, busy) for w in widths for busy in (False, True)):
+        sel = [r for r in runs if r["busy"] == busy and r["wide"] == w]
         kept = sum(r["linearized"] == 1 for r in sel)
-        print(f"| {'busy' if busy else 'idle'} | {kept}/{len(sel)} | "
+        print(f"| {w} ({1 / (w + 2):.1%}) | {'busy' if busy else 'idle'} | {kept}/{len(sel)} | "
               f"{min(r['ratio_cpu'] for r in sel):.3f}-{max(r['ratio_cpu'] for r in sel):.3f} | "
               f"{min(r['ratio_wall'] for r in sel):.3f}-{max(r['ratio_wall'] for r in sel):.3f} | "
               f"{sum(r['wall_rule_keeps'] for r in sel)}/{len(sel)} | "
