@@ -245,6 +245,7 @@ def test_cuda_ten_times_the_work_is_slower() -> None:
     stats = measure_latency({"small": _chain(1), "big": _chain(10, seed=2)}, _feeds(), provider="cuda",
                             budget_s=0.5)
     assert stats["big"].provider == "cuda"
+    assert stats["big"].basis == "wall" and stats["big"].cpu_median_ms is None  # GPU work is not thread CPU time
     assert ratio(stats["big"], stats["small"]) > 1.5, stats
 
 
