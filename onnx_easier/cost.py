@@ -109,38 +109,50 @@ def _prod(dims) -> int | None:
     return math.prod(dims)
 
 
-def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
-    """MACs of one compute node (None when a needed shape is unknown; 0 for other ops):
+def layer_macs(op: str, x: tuple | None, w: tuple | None, y: tuple | None, trans_a: bool = False) -> int | None:
+    """MACs of one compute layer from its shapes (None when a needed one is unknown; 0 for other ops):
     Conv: output elements x (Cin/groups * kernel); ConvTranspose: input elements x (Cout/groups * kernel);
     Gemm / MatMul: output elements x the contracted dim."""
-    op = node.op_type
     if op not in COMPUTE_OPS:
         return 0
-    x = shapes.get(node.input[0])
-    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
-    y = shapes.get(node.output[0])
     if op in ("Conv", "ConvTranspose"):
         elements, per = (y if op == "Conv" else x), (None if w is None else _prod(w[1:]))
     else:
-        trans_a = op == "Gemm" and next((a.i for a in node.attribute if a.name == "transA"), 0)
         elements, per = y, (None if x is None else x[0] if trans_a else x[-1])
     n = _prod(elements)
     return None if n is None or per is None else n * per
 
 
-def is_compute(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
-    """A compute node (module doc): a Conv/ConvTranspose/Gemm/MatMul that is not a per-channel affine Conv."""
-    if node.op_type not in COMPUTE_OPS:
+def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple]) -> int | None:
+    """``layer_macs`` of one node, its shapes read from ``shapes`` (tensor name -> dims)."""
+    x = shapes.get(node.input[0])
+    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    trans_a = node.op_type == "Gemm" and bool(next((a.i for a in node.attribute if a.name == "transA"), 0))
+    return layer_macs(node.op_type, x, w, shapes.get(node.output[0]), trans_a)
+
+
+def is_compute_layer(op: str, weight: tuple | None, attrs: dict) -> bool:
+    """A compute node (module doc) from its op, weight shape (None: not a constant) and attributes: a
+    Conv/ConvTranspose/Gemm/MatMul that is not a per-channel affine Conv."""
+    if op not in COMPUTE_OPS:
         return False
-    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+    if op != "Conv" or weight is None:
         return True
-    w = list(weights[node.input[1]].dims)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    w = list(weight)
     group = int(attrs.get("group", 1))
     pointwise = len(w) >= 3 and all(k == 1 for k in w[2:]) and w[1] == 1 and w[0] == group
     # a 1x1 kernel at stride 1 pads nothing under any auto_pad; explicit pads would add a border of bias only
     plain = all(v == 1 for v in attrs.get("strides", [1])) and not any(attrs.get("pads", [0]))
     return not (pointwise and plain)
+
+
+def is_compute(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
+    """``is_compute_layer`` of an ONNX node (``weights``: the initializers by name)."""
+    if node.op_type not in COMPUTE_OPS:
+        return False
+    w = weights.get(node.input[1]) if len(node.input) > 1 else None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} if w is not None else {}
+    return is_compute_layer(node.op_type, None if w is None else tuple(w.dims), attrs)
 
 
 def depth(model: onnx.ModelProto) -> int:

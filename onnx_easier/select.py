@@ -41,6 +41,7 @@ from onnx_easier.errors import OnnxEasierError
 from onnx_easier.execution import CPU, Execution
 from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
 from onnx_easier.fusion import FusionResult, fuse
+from onnx_easier.gain import Gain, GainModel
 from onnx_easier.graph_utils import is_constant
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.base import PassResult
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "entropy", "merge")
 MAX_GROUP = 3  # activations per merge candidate
+ENTROPY_FLOOR = 0.05  # expected loss of a zero-entropy candidate, relative to entropies in bits (gain_order)
 REFIT_DEPTH = 1  # re-fit the first layer(s) downstream of a linearized activation (2 helped little, cost 2x)
 HOLDOUT_FRACTION = 0.25
 MAX_HOLDOUT = 1024
@@ -303,7 +305,8 @@ def run_batch(model: onnx.ModelProto, data: CalibrationData, preferred: int) -> 
 
 @dataclass
 class Candidate:
-    """Activations to linearize together; ``entropy`` is their mean; ``saving`` the MACs fusion then removes."""
+    """Activations to linearize together; ``entropy`` is their mean; ``saving`` the MACs fusion then removes;
+    ``gain`` what the graph predicts the candidate can buy."""
 
     acts: tuple[Activation, ...]
     entropy: float
@@ -318,6 +321,7 @@ def _adjacent(model: onnx.ModelProto, acts: list[Activation]) -> list[list[Activ
     """Runs of activations along single-consumer chains: b follows a when the first layer after a (through
     non-layer nodes) feeds b through non-layer nodes only. Runs are in data-flow order."""
     graph = to_graph(model)
+    gain: Gain | None = None  # predicted from the graph (gain.py); None: not predicted
     tensors = graph.tensors()
     by_input = {a.input: a for a in acts}
 
@@ -357,25 +361,36 @@ def _adjacent(model: onnx.ModelProto, acts: list[Activation]) -> list[list[Activ
 
 
 def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: dict[str, float],
-                     macs: Callable[[onnx.ModelProto], int]) -> list[Candidate]:
-    """Contiguous sub-runs (up to MAX_GROUP activations) whose identity linearization lets fusion save MACs,
-    ranked by mean entropy, then by MACs saved."""
-    base = macs(model)
+                     gain: Callable[[tuple[Activation, ...]], Gain]) -> list[Candidate]:
+    """Contiguous sub-runs of ``_adjacent`` activations (up to MAX_GROUP) worth a trial of their own: a single
+    activation with a predicted gain (gain.py), or a group whose joint gain exceeds the sum of its members' (a
+    merge that needs all of them). Ranked by predicted gain per expected loss (``gain_order``)."""
     out: list[Candidate] = []
     for run in _adjacent(model, acts):
         for i in range(len(run)):
             for j in range(i + 1, min(i + MAX_GROUP, len(run)) + 1):
                 group = tuple(run[i:j])
-                others = kept_nodes(acts, group)
-                try:
-                    saving = base - macs(linearize_and_fuse(model, list(group), "identity", None, others).model)
-                except Exception as exc:  # noqa: BLE001 - an estimate only: a group whose fusion fails is no merge
-                    log.debug("merge group %s not estimated: %s", [a.name for a in group], exc)
+                g = gain(group)
+                if len(group) == 1:
+                    own[group[0].name] = g
+                if not g.known or not g.any:
                     continue
-                if saving > 0:
-                    out.append(Candidate(group, float(np.mean([entropy[a.name] for a in group])), saving))
-    out.sort(key=lambda c: (round(c.entropy, 6), -c.saving))
-    return out
+    own: dict[str, Gain] = {}
+                members = [own.get(a.name) or gain((a,)) for a in group]
+                if len(group) > 1 and g.relative <= sum(m.relative for m in members) + 1e-12:
+                    continue  # no merge needs the whole group: its members are tried on their own
+                out.append(Candidate(group, float(np.mean([entropy[a.name] for a in group])), max(0, g.macs), g))
+    return gain_order(out)
+
+
+def gain_order(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates by predicted gain per expected loss: ascending ``(entropy + ENTROPY_FLOOR) / gain.relative``
+    (entropy stands for the expected loss: the paper's premise; the floor keeps zero-entropy candidates ordered by
+    gain), ties by entropy then graph order (stable sort)."""
+    def key(c: Candidate) -> tuple[float, float]:
+        rel = c.gain.relative if c.gain is not None and c.gain.known else 0.0
+        return ((c.entropy + ENTROPY_FLOOR) / rel if rel > 0 else float("inf"), round(c.entropy, 6))
+    return sorted(cands, key=key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,6 +435,7 @@ StepHook = Callable[[str, int, int, str], None]
 @dataclass
 class Search:
     """Everything a search needs; built once by api.optimize and shared by the strategies."""
+    skipped: list[tuple[list[str], str]] = field(default_factory=list)  # (activations, why) never tried
 
     original: onnx.ModelProto  # named original (the reference every fidelity is measured against)
     exact: onnx.ModelProto  # original with exact fusions only (the starting point)
@@ -446,18 +462,39 @@ class Search:
         return measure(model, 0, self.input_shapes).macs
 
     def ordered(self, strategy: str) -> list[Candidate]:
-        singles = [Candidate((a,), self.entropy[a.name]) for a in self.activations]
+    try_all: bool = False  # also try candidates predicted to gain nothing (gain.py)
+        """The candidates of ``strategy`` in the order they are tried; those that cannot gain anything go to
+        ``self.skipped`` (unless ``try_all``). ``entropy``: single activations by entropy (the paper's order);
+        ``merge``: ``merge_candidates`` (by predicted gain per expected loss), then the remaining singles by
+        entropy. A single without a gain of its own stays a candidate when a merge group needs it (its partner
+        may be accepted before it)."""
+        singles = [Candidate((a,), self.entropy[a.name], 0, self.gain((a,))) for a in self.activations]
         singles.sort(key=lambda c: c.entropy)  # stable: ties keep graph order
         if strategy == "entropy":
-            return singles
-        groups = merge_candidates(self.exact, self.activations, self.entropy, self.macs)
+            return useful
+        self._gain_model: GainModel | None = None
+        self._gains: dict[tuple[str, ...], Gain] = {}
+        self.skipped: list[tuple[list[str], str]] = []
         grouped = {tuple(c.names) for c in groups}
-        return groups + [c for c in singles if tuple(c.names) not in grouped]
+        return groups + [c for c in useful if tuple(c.names) not in grouped]
 
     def _more_work(self, a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    def gain(self, group: tuple[Activation, ...]) -> Gain:
+        """Predicted gain of linearizing ``group`` in the exact model (gain.py; memoized, one model for all)."""
+        key = tuple(a.name for a in group)
+        if key not in self._gains:
+            if self._gain_model is None:
+                self._gain_model = GainModel(self.exact, self.activations, self.input_shapes)
+            self._gains[key] = self._gain_model.predict(group, kept_nodes(self.activations, group))
+        return self._gains[key]
+
         """Whether ``a`` has more nodes, compute nodes or MACs than ``b``."""
         ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
         return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
+        groups = merge_candidates(self.exact, self.activations, self.entropy, self.gain)
+        needed = {n for c in groups for n in c.names}
+        useful = [c for c in singles if self.try_all or c.gain.any or c.names[0] in needed]
+        self.skipped = [(c.names, c.gain.reason()) for c in singles if c not in useful]
 
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
@@ -512,7 +549,8 @@ class Search:
                 path = (*path, tuple(cand.names))
                 remaining = [a for a in remaining if a.name not in done]
             self._step(strategy, len(trials), candidates, index + 1, done, line)
-        return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried)
+        return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried,
+                            list(self.skipped))
 
     def _eligible(self, cand: Candidate, done: list[str]) -> bool:
         """Whether ``cand`` can still be tried once ``done`` are linearized (max_remove, no overlap)."""
