@@ -26,7 +26,8 @@ every model and would only dilute a before/after ratio).
 computes a CPU-provider run on the calling thread, so its thread CPU time is the work of the run alone: another
 process on the same core preempts the thread, which lengthens the wall time of the block it lands in but not its
 CPU time. Decisions use the *basis* ``"thread-cpu"`` for provider cpu with one thread and ``"wall"`` otherwise (a
-GPU's work, or other intra-op threads' work, does not show in the calling thread's CPU time).
+GPU's work, or other intra-op threads' work, does not show in the calling thread's CPU time; on Windows the
+thread CPU clock is too coarse: wall).
 
 **Ratios and when to stop.** Models are compared by the paired per-round ratio (``a``'s figure over ``b``'s in the
 same round, on the basis): its median, with a distribution-free interval for that median from the sign test
@@ -41,6 +42,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +63,8 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 200
 MAX_BUDGET_FACTOR = 4  # with a reference: rounds go on until resolved, for at most this many times budget_s
 MAX_WALL_FACTOR = 20  # and never past this many times budget_s of wall time (a thread CPU budget on a busy machine)
 CONFIDENCE = 0.99  # of the sign-test interval of a median per-round ratio
-BASES = ("thread-cpu", "wall")
+# Windows' thread CPU clock advances in scheduler ticks (about 15.6 ms), as coarse as a whole timed block
+THREAD_CLOCK_FINE = sys.platform != "win32"
 
 
 @dataclass
@@ -283,7 +286,7 @@ def measure_latency(
         raise BadArgumentError(f"the latency reference {reference!r} is not one of the models measured")
     labels = list(models)
     runners = {k: _runner(_session(models[k], provider, threads), feeds, k, provider) for k in labels}
-    cpu_basis = provider == "cpu" and threads == 1
+    cpu_basis = provider == "cpu" and threads == 1 and THREAD_CLOCK_FINE
 
     clock = time.thread_time if cpu_basis else time.perf_counter  # of the budget: the basis's clock
     per_run: dict[str, float] = {}
