@@ -249,6 +249,8 @@ def main() -> int:
                   f"{before.get('compute_nodes')} -> {after.get('compute_nodes')}, fidelity "
                   f"{(rep.get('fidelity') or {}).get('value')}", flush=True)
             print(latency_line(rep), flush=True)
+            if rep.get("phases"):
+                print(f"phases (s): {json.dumps(rep['phases'])}", flush=True)
             if rep.get("time_limit"):
                 print(f"time_limit: {json.dumps(rep['time_limit'])}", flush=True)
             for w in rep.get("warnings", []):
