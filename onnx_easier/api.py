@@ -74,6 +74,9 @@ class Analysis:
     source: str
     data: CalibrationData
     activations: list[Activation]
+BOUND_METHOD = ("one-sided upper bound at the stated confidence: agreement = max(Clopper-Pearson bound on the flip "
+                "rate, 0.11 * sqrt(bootstrap bound on the mean KL)); rel-l2 and cosine: percentile bootstrap over "
+                "the held-out samples; a candidate is accepted when it is within the effective tolerance")
     stats: dict[str, ChannelStats]
     before: Cost
     seconds: float
@@ -511,7 +514,9 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
     warning = fidelity.training_data_warning()
-    report["warnings"] = [w for w in (warning, note, fallback, big_note) if w]
+    report["fidelity"]["bound_method"] = BOUND_METHOD
+    resolution_note = judge.warning if any(r.trials for r in results) else None
+    report["warnings"] = [w for w in (warning, resolution_note, note, fallback, big_note) if w]
     report["latency_ms"] = latency_report(lat, chosen, "original", provider,
                                           int(next(iter(feeds.values())).shape[0]), NOISE_MARGIN)
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),

@@ -46,7 +46,15 @@ cosine 1, one zero vector 0). Scale-blind: for embeddings.
 error). The default for outputs that are not ``[N, K > 1]`` (regression, detection heads, feature maps).
 
 A candidate output holding NaN or infinity has loss ``inf``. Every metric streams: ``FidelityAccumulator``
-keeps sums and counts only, so the caller never holds all outputs; ``measure_fidelity`` is its one-shot form.
+keeps sums and counts, and a few numbers per sample (flip, KL, squared error and norm, cosine) for the bounds below,
+so the caller never holds all outputs; ``measure_fidelity`` is its one-shot form.
+
+**Confidence bounds** (``FidelityAccumulator.bounds``, bounds.py): the loss on ``n`` held-out samples estimates the
+loss on unseen inputs. One-sided bounds at confidence ``c``: for ``agreement``, ``max`` of the Clopper-Pearson bound
+on the flip rate and ``KL_COEF * sqrt`` of the bootstrap bound on the mean KL; for ``rel-l2`` and ``cosine``, the
+bootstrap bound of the loss itself (resampling samples); with several outputs the worst output's. The search
+accepts a candidate on the upper bound (``Fidelity.accepted``), and ``resolution`` says how small a loss the
+held-out samples can vouch for at all (agreement: the upper bound with no flip).
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnx_easier.bounds import binomial_lower, binomial_upper, bootstrap_bounds, samples_for
 from onnx_easier.errors import BadArgumentError, BadDataError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ KL_COEF = 0.11  # loss per sqrt(nat) of mean KL(original || candidate): 0.01 los
 PROB_ATOL = 1e-3  # rows within this of summing to 1 (and non-negative) are probabilities
 TRAINING_CONFIDENCE = 0.99  # mean top-1 confidence at or above which the data look like training data
 _LOG_FLOOR = 1e-30  # probabilities are clipped here before the log: bounds KL when a candidate says 0
+CONFIDENCE = 0.9  # one-sided confidence of the upper bound a candidate is accepted on
 
 
 def is_classifier_shape(shape: Sequence[int | str | None]) -> bool:
@@ -123,11 +133,25 @@ class Fidelity:
     tolerance: float
     samples: int
     components: dict = field(default_factory=dict)
+    upper: float | None = None  # upper confidence bound of the loss (None: not computed)
+    confidence: float | None = None
+    effective_tolerance: float | None = None  # what ``upper`` is held to: max(tolerance, resolution)
+    early: bool = False  # rejected on part of the samples (its lower bound was already above the tolerance)
 
     @property
     def ok(self) -> bool:
         """Within tolerance (a NaN or infinite loss never is)."""
         return math.isfinite(self.value) and self.value <= self.tolerance
+
+    @property
+    def accepted(self) -> bool:
+        """What the search keeps: the upper bound within the effective tolerance (``ok`` when no bound)."""
+        if self.early:
+            return False
+        if self.upper is None:
+            return self.ok
+        limit = self.tolerance if self.effective_tolerance is None else self.effective_tolerance
+        return math.isfinite(self.value) and math.isfinite(self.upper) and self.upper <= limit
 
     def training_data_warning(self) -> str | None:
         """The training-data warning for the reference confidence seen while measuring (None when none)."""
@@ -143,6 +167,10 @@ class Fidelity:
             "samples": self.samples,
             "ok": self.ok,
             "components": self.components,
+            **({"upper_bound": self.upper if math.isfinite(self.upper) else None, "confidence": self.confidence,
+                "effective_tolerance": self.effective_tolerance, "accepted": self.accepted}
+               if self.upper is not None else {}),
+            **({"early_rejection": True} if self.early else {}),
         }
 
 
@@ -159,6 +187,14 @@ class _OutputSums:
         self.diff_sq = 0.0
         self.ref_sq = 0.0
         self.kinds: set[str] = set()
+        self.columns: dict[str, list[np.ndarray]] = {}  # per-sample values (finite samples) for the bounds
+
+    def keep(self, name: str, values: np.ndarray) -> None:
+        self.columns.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
+
+    def column(self, name: str) -> np.ndarray:
+        parts = self.columns.get(name)
+        return np.concatenate(parts) if parts else np.zeros(0)
 
 
 class FidelityAccumulator:
@@ -228,16 +264,22 @@ class FidelityAccumulator:
             s.conf_sum += float(np.exp(ref_logp.max(axis=1)).sum())
             if self.metric == "agreement":
                 s.same_top1 += int((r64.argmax(axis=1) == c64.argmax(axis=1)).sum())
-                s.kl_sum += float(kl_per_sample(ref_logp, log_probabilities(c64, probs)).sum())
+                kl = kl_per_sample(ref_logp, log_probabilities(c64, probs))
+                s.kl_sum += float(kl.sum())
+                s.keep("kl", kl)
         if self.metric == "cosine":
             nr, nc = np.linalg.norm(r64, axis=1), np.linalg.norm(c64, axis=1)
             dot = (r64 * c64).sum(axis=1)
             both_zero = (nr == 0) & (nc == 0)
-            cos = np.where(both_zero, 1.0, dot / np.maximum(nr * nc, np.finfo(np.float64).tiny))
-            s.cos_sum += float(np.clip(cos, -1.0, 1.0).sum())
+            cos = np.clip(np.where(both_zero, 1.0, dot / np.maximum(nr * nc, np.finfo(np.float64).tiny)), -1.0, 1.0)
+            s.cos_sum += float(cos.sum())
+            s.keep("cos", cos)
         elif self.metric == "rel-l2":
-            s.diff_sq += float(np.square(r64 - c64).sum())
-            s.ref_sq += float(np.square(r64).sum())
+            diff, ref = np.square(r64 - c64).sum(axis=1), np.square(r64).sum(axis=1)
+            s.diff_sq += float(diff.sum())
+            s.ref_sq += float(ref.sum())
+            s.keep("diff", diff)
+            s.keep("ref", ref)
 
     def _output_loss(self, s: _OutputSums) -> dict:
         if s.nonfinite:
@@ -258,6 +300,32 @@ class FidelityAccumulator:
         else:
             rel = math.sqrt(s.diff_sq) / math.sqrt(s.ref_sq)
         return {"loss": rel, "rel_l2": rel}
+
+    def bounds(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        """(lower, upper) one-sided bounds at ``confidence`` on the loss (module doc): the worst output's. No batch:
+        (0, 0); a non-finite candidate: (inf, inf)."""
+        if self._sums is None:
+            return 0.0, 0.0
+        per = [self._output_bounds(s, confidence) for s in self._sums]
+        return max(p[0] for p in per), max(p[1] for p in per)
+
+    def _output_bounds(self, s: _OutputSums, c: float) -> tuple[float, float]:
+        if s.nonfinite:
+            return math.inf, math.inf
+        if s.samples == 0:
+            return 0.0, 0.0
+        if self.metric == "agreement":
+            n, flips = s.samples, s.samples - s.same_top1
+            kl_lo, kl_up = bootstrap_bounds([s.column("kl")], lambda t: t / n, c)
+            return (max(binomial_lower(flips, n, c), KL_COEF * math.sqrt(max(kl_lo, 0.0))),
+                    max(binomial_upper(flips, n, c), KL_COEF * math.sqrt(max(kl_up, 0.0))))
+        if self.metric == "cosine":
+            n = s.samples
+            return bootstrap_bounds([s.column("cos")], lambda t: 1.0 - t / n, c)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return bootstrap_bounds([s.column("diff"), s.column("ref")],
+                                    lambda d, r: np.where(r > 0, np.sqrt(d / np.where(r > 0, r, 1.0)),
+                                                          np.where(d > 0, np.inf, 0.0)), c)
 
     def result(self) -> Fidelity:
         """The worst output's loss; ``components`` holds its raw numbers, ``worst_output`` its index and, with
@@ -322,3 +390,29 @@ def training_data_warning(ref_outputs: Sequence[np.ndarray], threshold: float = 
     """
     conf = mean_confidence(ref_outputs)
     return None if conf is None else confidence_warning(conf, threshold)
+
+
+def resolution(metric: str, samples: int, confidence: float = CONFIDENCE) -> float:
+    """The smallest loss ``samples`` held-out samples can vouch for at ``confidence``: for ``agreement`` the upper
+    bound on the flip rate with no flip seen (bounds.binomial_upper(0, n)); 0 for the continuous metrics."""
+    return binomial_upper(0, samples, confidence) if metric == "agreement" else 0.0
+
+
+def resolution_warning(metric: str, samples: int, tolerance: float, holdout_fraction: float,
+                       confidence: float = CONFIDENCE) -> str | None:
+    """One line when the held-out samples cannot resolve ``tolerance`` with the agreement metric: a single flipped
+    prediction already puts the upper bound above it (then every candidate that flips one is rejected), or even
+    none does (then the effective tolerance is the resolution). None otherwise."""
+    if metric != "agreement" or tolerance <= 0 or binomial_upper(1, samples, confidence) <= tolerance:
+        return None
+    need = samples_for(tolerance, confidence, events=1)
+    total = math.ceil(need / holdout_fraction)
+    floor = resolution(metric, samples, confidence)
+    head = (f"{samples} held-out samples cannot resolve the tolerance {tolerance:g}: "
+            f"with no flipped prediction the {confidence:.0%} upper bound on the flip rate is {floor:.4f}")
+    if floor > tolerance:
+        head += f", so candidates are held to an effective tolerance of {floor:.4f}"
+    else:
+        head += f", with one it is {binomial_upper(1, samples, confidence):.4f}, so any candidate that flips a " \
+                "single held-out prediction is rejected"
+    return head + f"; pass at least {total} samples ({need} held out) to resolve it"

@@ -39,7 +39,15 @@ from onnx_easier.cost import measure
 from onnx_easier.data import CalibrationData, batch_multiple, input_specs
 from onnx_easier.errors import OnnxEasierError
 from onnx_easier.execution import CPU, Execution
-from onnx_easier.fidelity import Fidelity, FidelityAccumulator, default_metric, looks_like_probabilities
+from onnx_easier.fidelity import (
+    CONFIDENCE,
+    Fidelity,
+    FidelityAccumulator,
+    default_metric,
+    looks_like_probabilities,
+    resolution,
+    resolution_warning,
+)
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.gain import Gain, GainModel
 from onnx_easier.graph_utils import is_constant
@@ -58,6 +66,9 @@ ENTROPY_FLOOR = 0.05  # expected loss of a zero-entropy candidate, relative to e
 REFIT_DEPTH = 1  # re-fit the first layer(s) downstream of a linearized activation (2 helped little, cost 2x)
 HOLDOUT_FRACTION = 0.25
 MAX_HOLDOUT = 1024
+LOOKS = (0.125, 0.25, 0.5)  # shares of the held-out samples after which a trial may be rejected early (Judge)
+MIN_LOOK = 32  # samples before the first look
+REJECT_ERROR = 0.05  # chance of rejecting early a candidate within the tolerance (union bound over the looks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +258,19 @@ def split_data(data: CalibrationData, multiple: int = 1,
 
 
 class Judge:
-    """Fidelity of candidates against the original on the held-out samples (original outputs computed once)."""
+    """Fidelity of candidates against the original on the held-out samples (original outputs computed once).
+
+    Acceptance (``Fidelity.accepted``): the upper confidence bound of the loss (fidelity.py, at CONFIDENCE) within
+    the effective tolerance ``max(tolerance, resolution)``: the held-out samples cannot vouch for a loss below their
+    resolution (agreement: the bound with no flip), and ``warning`` says so when one flip already breaks the
+    tolerance.
+
+    Sequential rejection (``sequential=True``): the held-out batches are read in order, and after the first
+    eighth, quarter and half of the samples (at least MIN_LOOK) the lower bound at confidence
+    ``1 - REJECT_ERROR / (2 * looks)`` is compared with the effective tolerance: above it, the candidate is
+    rejected there (``Fidelity.early``). By the union bound over the looks (and the two parts of the agreement
+    loss), a candidate whose true loss is within the tolerance is rejected early with probability at most
+    REJECT_ERROR; one clearly above it costs a fraction of the held-out runs."""
 
     def __init__(self, original: onnx.ModelProto, holdout: CalibrationData, metric: str | None, tolerance: float,
                  batch: int, execution: Execution = CPU) -> None:
@@ -256,6 +279,7 @@ class Judge:
         self.metric = metric
         self.tolerance = tolerance
         self.batch = batch
+        self._last: tuple[onnx.ModelProto, tuple[Fidelity, float]] | None = None  # Judge._measure
         session = execution.session(original)
         self.names = [o.name for o in session.get_outputs()]
         self.reference = [[as_array(v) for v in session.run(self.names, feed)] for feed in holdout.batches(batch)]
@@ -264,19 +288,51 @@ class Judge:
         # logits judged by KL: a head re-fit to the original's class probabilities serves the metric directly
         self.softmax_head = bool(first) and effective == "agreement" and not any(
             looks_like_probabilities(r.reshape(r.shape[0], -1)) for r in first)
+        self.effective_metric = effective
+        samples = sum(r[0].shape[0] for r in self.reference) if self.reference else 0
+        self.resolution = resolution(effective, samples)
+        self.effective_tolerance = max(tolerance, self.resolution) if tolerance > 0 else tolerance
+        self.warning = resolution_warning(effective, samples, tolerance, HOLDOUT_FRACTION)
+        counts = np.cumsum([r[0].shape[0] for r in self.reference]) if self.reference else np.zeros(0)
+        wanted = [samples * f for f in LOOKS if samples * f >= MIN_LOOK]
+        self.looks = sorted({int(np.searchsorted(counts, w)) for w in wanted} - {len(counts) - 1})
 
-    def __call__(self, model: onnx.ModelProto) -> Fidelity:
-        session = self.execution.session(model)
-        acc = FidelityAccumulator(self.metric, self.tolerance)
-        for ref, feed in zip(self.reference, self.holdout.batches(self.batch)):
-            acc.update(ref, [as_array(v) for v in session.run(self.names, feed)])
-        return acc.result()
+    def __call__(self, model: onnx.ModelProto, sequential: bool = False) -> Fidelity:
+        """The fidelity of ``model`` with its confidence bounds; ``sequential``: stop early when the loss is
+        clearly above the tolerance (class doc)."""
+        return self._measure(model, sequential)[0]
 
     def max_relative_error(self, model: onnx.ModelProto) -> float:
         """``output_error`` of ``model`` against the original on the held-out samples (metric-independent)."""
+        return self._measure(model, False)[1]
+
+    def _measure(self, model: onnx.ModelProto, sequential: bool) -> tuple[Fidelity, float]:
+        """Fidelity and max relative error from one run over the held-out samples; the figures of the last model
+        run to the end are kept, so asking for the other figure of the same model object runs nothing."""
+        if self._last is not None and self._last[0] is model:
+            return self._last[1]
+        self._last = None  # the previous model is not held while this one runs
         session = self.execution.session(model)
-        return max((output_error(ref, session.run(self.names, feed))
-                    for ref, feed in zip(self.reference, self.holdout.batches(self.batch))), default=0.0)
+        acc = FidelityAccumulator(self.metric, self.tolerance)
+        looks = self.looks if sequential and self.tolerance > 0 else []
+        early = False
+        err = 0.0
+        for i, (ref, feed) in enumerate(zip(self.reference, self.holdout.batches(self.batch))):
+            got = [as_array(v) for v in session.run(self.names, feed)]
+            acc.update(ref, got)
+            err = max(err, output_error(ref, got))
+            if i in looks and acc.bounds(1.0 - REJECT_ERROR / (2 * len(looks)))[0] > self.effective_tolerance:
+                early = True
+                break
+        del session
+        fid = acc.result()
+        fid.upper = acc.bounds(CONFIDENCE)[1]
+        fid.confidence = CONFIDENCE
+        fid.effective_tolerance = self.effective_tolerance
+        fid.early = early
+        if not early:
+            self._last = (model, (fid, err))
+        return fid, err
 
 
 def as_array(value: object) -> np.ndarray:
@@ -311,6 +367,7 @@ class Candidate:
     acts: tuple[Activation, ...]
     entropy: float
     saving: int = 0
+    gain: Gain | None = None  # predicted from the graph (gain.py); None: not predicted
 
     @property
     def names(self) -> list[str]:
@@ -321,7 +378,6 @@ def _adjacent(model: onnx.ModelProto, acts: list[Activation]) -> list[list[Activ
     """Runs of activations along single-consumer chains: b follows a when the first layer after a (through
     non-layer nodes) feeds b through non-layer nodes only. Runs are in data-flow order."""
     graph = to_graph(model)
-    gain: Gain | None = None  # predicted from the graph (gain.py); None: not predicted
     tensors = graph.tensors()
     by_input = {a.input: a for a in acts}
 
@@ -366,6 +422,7 @@ def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: di
     activation with a predicted gain (gain.py), or a group whose joint gain exceeds the sum of its members' (a
     merge that needs all of them). Ranked by predicted gain per expected loss (``gain_order``)."""
     out: list[Candidate] = []
+    own: dict[str, Gain] = {}
     for run in _adjacent(model, acts):
         for i in range(len(run)):
             for j in range(i + 1, min(i + MAX_GROUP, len(run)) + 1):
@@ -375,7 +432,6 @@ def merge_candidates(model: onnx.ModelProto, acts: list[Activation], entropy: di
                     own[group[0].name] = g
                 if not g.known or not g.any:
                     continue
-    own: dict[str, Gain] = {}
                 members = [own.get(a.name) or gain((a,)) for a in group]
                 if len(group) > 1 and g.relative <= sum(m.relative for m in members) + 1e-12:
                     continue  # no merge needs the whole group: its members are tried on their own
@@ -409,9 +465,15 @@ class Trial:
     compute_nodes: int
     refit: list[RefitRecord] = field(default_factory=list)
     note: str = ""
+    upper: float | None = None  # upper confidence bound of the loss (the acceptance criterion)
+    samples: int = 0  # held-out samples measured (fewer when rejected early)
+    early: bool = False  # rejected after part of the held-out samples (select.Judge, sequential)
 
     def as_report(self) -> dict:
-        return {"activations": self.acts, "fidelity": self.fidelity, "accepted": self.accepted,
+        bound = {} if self.upper is None else {"upper_bound": self.upper if np.isfinite(self.upper) else None,
+                                               "samples": self.samples}
+        return {"activations": self.acts, "fidelity": self.fidelity, "accepted": self.accepted, **bound,
+                **({"early_rejection": True} if self.early else {}),
                 "seconds": round(self.seconds, 3), "macs": self.macs, "compute_nodes": self.compute_nodes,
                 "refit": [r.as_report() for r in self.refit], **({"note": self.note} if self.note else {})}
 
@@ -425,6 +487,7 @@ class SearchResult:
     fidelity: Fidelity | None
     seconds: float
     untried: int = 0  # candidates left when the time limit cut the search short (0: it ran to the end)
+    skipped: list[tuple[list[str], str]] = field(default_factory=list)  # (activations, why) never tried
 
 
 StepHook = Callable[[str, int, int, str], None]
@@ -435,7 +498,6 @@ StepHook = Callable[[str, int, int, str], None]
 @dataclass
 class Search:
     """Everything a search needs; built once by api.optimize and shared by the strategies."""
-    skipped: list[tuple[list[str], str]] = field(default_factory=list)  # (activations, why) never tried
 
     original: onnx.ModelProto  # named original (the reference every fidelity is measured against)
     exact: onnx.ModelProto  # original with exact fusions only (the starting point)
@@ -452,33 +514,19 @@ class Search:
     checks: CheckData | None = None  # fail-safe fusion of every trial (select.fuse_model)
     deadline: float | None = None  # time.perf_counter() after which no trial starts (api's time limit)
     on_step: StepHook | None = None  # on_step("search <strategy>", trials done, trials planned, message)
+    try_all: bool = False  # also try candidates predicted to gain nothing (gain.py)
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original, execution=self.judge.execution)
         self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
         self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
+        self._gain_model: GainModel | None = None
+        self._gains: dict[tuple[str, ...], Gain] = {}
+        self.skipped: list[tuple[list[str], str]] = []
 
     def macs(self, model: onnx.ModelProto) -> int:
         return measure(model, 0, self.input_shapes).macs
 
-    def ordered(self, strategy: str) -> list[Candidate]:
-    try_all: bool = False  # also try candidates predicted to gain nothing (gain.py)
-        """The candidates of ``strategy`` in the order they are tried; those that cannot gain anything go to
-        ``self.skipped`` (unless ``try_all``). ``entropy``: single activations by entropy (the paper's order);
-        ``merge``: ``merge_candidates`` (by predicted gain per expected loss), then the remaining singles by
-        entropy. A single without a gain of its own stays a candidate when a merge group needs it (its partner
-        may be accepted before it)."""
-        singles = [Candidate((a,), self.entropy[a.name], 0, self.gain((a,))) for a in self.activations]
-        singles.sort(key=lambda c: c.entropy)  # stable: ties keep graph order
-        if strategy == "entropy":
-            return useful
-        self._gain_model: GainModel | None = None
-        self._gains: dict[tuple[str, ...], Gain] = {}
-        self.skipped: list[tuple[list[str], str]] = []
-        grouped = {tuple(c.names) for c in groups}
-        return groups + [c for c in useful if tuple(c.names) not in grouped]
-
-    def _more_work(self, a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     def gain(self, group: tuple[Activation, ...]) -> Gain:
         """Predicted gain of linearizing ``group`` in the exact model (gain.py; memoized, one model for all)."""
         key = tuple(a.name for a in group)
@@ -488,13 +536,27 @@ class Search:
             self._gains[key] = self._gain_model.predict(group, kept_nodes(self.activations, group))
         return self._gains[key]
 
-        """Whether ``a`` has more nodes, compute nodes or MACs than ``b``."""
-        ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
-        return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
+    def ordered(self, strategy: str) -> list[Candidate]:
+        """The candidates of ``strategy`` in the order they are tried; those that cannot gain anything go to
+        ``self.skipped`` (unless ``try_all``). ``entropy``: single activations by entropy (the paper's order);
+        ``merge``: ``merge_candidates`` (by predicted gain per expected loss), then the remaining singles by
+        entropy. A single without a gain of its own stays a candidate when a merge group needs it (its partner
+        may be accepted before it)."""
+        singles = [Candidate((a,), self.entropy[a.name], 0, self.gain((a,))) for a in self.activations]
+        singles.sort(key=lambda c: c.entropy)  # stable: ties keep graph order
         groups = merge_candidates(self.exact, self.activations, self.entropy, self.gain)
         needed = {n for c in groups for n in c.names}
         useful = [c for c in singles if self.try_all or c.gain.any or c.names[0] in needed]
         self.skipped = [(c.names, c.gain.reason()) for c in singles if c not in useful]
+        if strategy == "entropy":
+            return useful
+        grouped = {tuple(c.names) for c in groups}
+        return groups + [c for c in useful if tuple(c.names) not in grouped]
+
+    def _more_work(self, a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+        """Whether ``a`` has more nodes, compute nodes or MACs than ``b``."""
+        ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
+        return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
 
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
@@ -537,13 +599,15 @@ class Search:
                     log.warning("trial %s failed and was undone: %s", cand.names, exc)
                     trial, model, fid = Trial(cand.names, float("nan"), False, 0.0, 0, 0,
                                               note=f"failed and undone: {exc}"), None, None
-                self._memo[key] = (trial, model, fid)
+                # a rejected trial's model is never used again: not held (100 MB a trial on ResNet-50)
+                self._memo[key] = (trial, model if fid is not None and fid.accepted else None, fid)
             trials.append(trial)
             line = (f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: "
-                    + (f"loss {fid.value:.4f} {'kept' if fid.ok else 'undone'}" if fid is not None else "undone"))
+                    + (f"loss {fid.value:.4f} (upper bound {fid.upper:.4f}) {'kept' if fid.accepted else 'undone'}"
+                       if fid is not None else "undone"))
             if self.progress and fid is not None:
                 self.progress(line)
-            if fid is not None and fid.ok:
+            if fid is not None and fid.accepted:
                 current, best = model, fid
                 done.extend(cand.names)
                 path = (*path, tuple(cand.names))
@@ -593,9 +657,10 @@ class Search:
             targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
             model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                           batch=self.judge.batch, softmax_head=self.judge.softmax_head)
-        fid = self.judge(model)
+        fid = self.judge(model, sequential=True)
         cost = measure(model, 0, self.input_shapes)
-        log.info("trial %s: fidelity loss %.5f (%s)", cand.names, fid.value, "kept" if fid.ok else "undone")
-        return (Trial(cand.names, float(fid.value), bool(fid.ok), time.perf_counter() - t0, cost.macs,
-                      cost.compute_nodes, records, fallback), model, fid)
+        log.info("trial %s: fidelity loss %.5f, upper bound %.5f on %d samples (%s)", cand.names, fid.value,
+                 fid.upper, fid.samples, "kept" if fid.accepted else "undone")
+        return (Trial(cand.names, float(fid.value), bool(fid.accepted), time.perf_counter() - t0, cost.macs,
+                      cost.compute_nodes, records, fallback, fid.upper, fid.samples, fid.early), model, fid)
 
