@@ -1,0 +1,334 @@
+"""Recovery by distillation: train the optimized model's weights to the original's outputs, on calibration inputs
+only (no labels, no training code). The graph stays exactly as it is; only initializer values change, so every
+exactness and verification check of the tool still applies to the result.
+
+Teacher: the original model in ONNX Runtime (its outputs computed once per sample). Student: the optimized model
+executed in torch (torch_exec.TorchGraph), checked equal to ORT's execution on the check samples before any step
+(else nothing is trained: ``DistillResult.note`` says why). Loss per batch, summed over the outputs:
+
+    classifier outputs (metric "agreement"):  KL(p || q) = (1/N) sum_n sum_k p[n,k] (log p[n,k] - log q[n,k])
+        p = softmax(teacher) (or the teacher's probabilities, fidelity.looks_like_probabilities), q likewise
+    other outputs:                           ||S - T||^2 / ||T||^2   (relative squared error: 0.0001 = rel-l2 0.01)
+    features (``feature_weight`` > 0):       feature_weight * ||s - t||^2 / ||t||^2  per (student, teacher) tensor
+                                             pair: the trained layers' outputs that the original has by name
+
+Trained (``trainable``): the float initializers of Conv / ConvTranspose / Gemm / MatMul nodes and the constant
+addend of an Add right after one (a bias); scope ``merged`` (default) only those of layers that the search created
+or re-fitted, i.e. whose node name is not in ``baseline`` (the model before the search: the exact fusions) or whose
+initializers differ from ``baseline``'s; scope ``all`` every one of them.
+
+Schedule: Adam (betas 0.9 / 0.999) at lr ``DEFAULT_LR`` = 3e-4, cosine-annealed to 0 over ``steps`` (default
+``DEFAULT_STEPS`` = 300) batches of up to 32 samples (one seeded random order of the fit samples, then fixed batches
+drawn in a seeded order). The loss on the check samples is measured after ``WARMUP`` = 5 steps and then ``EVALS``
+= 10 times over the schedule; the best weights are kept (the starting ones included), and training stops after
+``PATIENCE`` = 4 evaluations without a gain. When the first evaluation of a start is worse than the starting
+weights, the step was too large for this model: the weights are reset and the schedule starts again at lr / 3
+(down to 1e-5; measured, the best rate was 3e-4 on the MobileNetV2 digits model and 3e-5 on the GELU token
+model). ``seconds`` caps the wall time; within it the result depends on the seed alone (``cut_by_time`` in the
+report says when the cap stopped it).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from onnx_easier.data import CalibrationData, batch_multiple, input_specs
+from onnx_easier.fidelity import default_metric, log_probabilities, looks_like_probabilities
+from onnx_easier.model_io import make_session
+from onnx_easier.safety import exactness_bound
+from onnx_easier.torch_exec import NotExecutable, TorchGraph, check_against_ort
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("merged", "all")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DEFAULT_LR = 3e-4
+BACKOFF = 3.0  # the learning rate is divided by this when the first evaluation after a start is worse
+MIN_LR = 1e-5
+DEFAULT_STEPS = 300
+BATCH = 32
+WARMUP = 5  # steps before the first evaluation, which also measures the pace
+EVALS = 10  # evaluations on the check samples over the planned steps
+PATIENCE = 4  # evaluations without a gain before stopping
+MIX_SHARE = 0.5  # share of the training batches whose float inputs are mixed with another batch's (mixup)
+CHECK_FEEDS = 4  # check batches on which torch execution is compared with ORT's before training
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+
+
+@dataclass
+class DistillResult:
+    """``model``: the optimized model with the trained initializer values (the input itself when nothing was
+    trained); ``before`` / ``after``: the distillation loss on the check samples; ``note``: why nothing was
+    trained, if so."""
+
+    model: onnx.ModelProto
+    trained: list[str]
+    before: float
+    after: float
+    steps: int
+    seconds: float
+    scope: str
+    device: str = "cpu"
+    features: list[str] = field(default_factory=list)
+    note: str = ""
+    lr: float = DEFAULT_LR  # the learning rate of the last start
+    cut: bool = False  # the time budget stopped it before its steps (the one case where the seed does not decide)
+
+    def as_report(self) -> dict:
+        return {"scope": self.scope, "trained": len(self.trained), "loss_before": self.before,
+                "loss_after": self.after, "steps": self.steps, "lr": self.lr, "cut_by_time": self.cut, "seconds": round(self.seconds, 3),
+                "device": self.device, **({"features": self.features} if self.features else {}),
+                **({"note": self.note} if self.note else {})}
+
+
+def torch_device(provider: str) -> str:
+    """``cuda`` when the ORT provider is cuda and torch sees a GPU, else ``cpu``."""
+    return "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def _arrays(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
+
+
+def trainable(model: onnx.ModelProto, baseline: onnx.ModelProto | None = None, scope: str = "merged") -> list[str]:
+    """The initializers of ``model`` that distillation trains (module doc): per layer, its float initializer inputs
+    and the float constant of a bias Add right after it; with scope ``merged`` only for layers whose node name is
+    not in ``baseline`` or whose initializers differ from ``baseline``'s."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    inits = {k: v for k, v in _arrays(model).items() if v.data_type in _FLOATS}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    base = _arrays(baseline) if baseline is not None else {}
+    base_nodes = {n.name for n in baseline.graph.node} if baseline is not None else set()
+    layers: dict[str, list[str]] = {}  # layer node name -> its initializers (weight, bias, bias of an Add after it)
+    for node in model.graph.node:
+        if node.op_type in LAYER_OPS:
+            layers.setdefault(node.name, []).extend(i for i in node.input if i in inits)
+        elif node.op_type == "Add" and len(node.input) == 2:
+            consts = [i for i in node.input if i in inits]
+            flows = [i for i in node.input if i not in inits]
+            layer = producer.get(flows[0]) if len(consts) == 1 and len(flows) == 1 else None
+            if layer is not None and layer.op_type in LAYER_OPS:
+                layers.setdefault(layer.name, []).extend(consts)
+    out: list[str] = []
+    for name, names in layers.items():
+        changed = (scope == "all" or name not in base_nodes
+                   or any(n not in base or not _same(inits[n], base[n]) for n in names))
+        if changed:
+            out.extend(n for n in names if n not in out)
+    return out
+
+
+def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """Output tensors of the layers that own the initializers ``names`` and that the original also computes (by
+    name): where the student's features can be matched to the teacher's."""
+    owned = set(names)
+    produced = {o for n in original.graph.node for o in n.output}
+    outs = [n.output[0] for n in model.graph.node if n.op_type in LAYER_OPS and owned & set(n.input)]
+    finals = {o.name for o in model.graph.output}
+    return [t for t in outs if t in produced and t not in finals]
+
+
+def _feeds(data: CalibrationData, batch: int) -> list[dict[str, np.ndarray]]:
+    return [{k: np.ascontiguousarray(v) for k, v in f.items()} for f in data.batches(batch, drop_last=batch > 1 and
+                                                                                    data.samples >= batch)]
+
+
+class _Loss:
+    """The distillation loss of one batch against fixed teacher outputs (module doc)."""
+
+    def __init__(self, classifier: bool, probabilities: list[bool], feature_weight: float) -> None:
+        self.classifier = classifier
+        self.probabilities = probabilities
+        self.feature_weight = feature_weight
+
+    def __call__(self, got: list[torch.Tensor], want: list[torch.Tensor], n_out: int) -> torch.Tensor:
+        total = got[0].new_zeros(())
+        for i, (s, t) in enumerate(zip(got, want)):
+            s = s.to(torch.float64) if t.dtype == torch.float64 else s.float()
+            if i < n_out and self.classifier:
+                s2 = s.reshape(s.shape[0], -1)
+                if self.probabilities[i]:
+                    logq = torch.log(torch.clamp(s2 / s2.sum(dim=1, keepdim=True), min=1e-30))
+                else:
+                    logq = torch.log_softmax(s2, dim=1)
+                total = total + (t.exp() * (t - logq)).sum(dim=1).mean()  # t holds log p
+            else:
+                term = ((s - t) ** 2).sum() / torch.clamp((t**2).sum(), min=1e-12)
+                total = total + (term if i < n_out else self.feature_weight * term)
+        return total
+
+
+def distill(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    fit: CalibrationData,
+    check: CalibrationData,
+    *,
+    baseline: onnx.ModelProto | None = None,
+    scope: str = "merged",
+    metric: str | None = None,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    seconds: float = 60.0,
+    seed: int = 0,
+    device: str = "cpu",
+    batch: int = BATCH,
+    feature_weight: float = 0.0,
+    mixup: bool = False,
+) -> DistillResult:
+    """``optimized`` with its ``trainable(optimized, baseline or original, scope)`` initializers trained to
+    ``original``'s outputs on ``fit`` (early stopping on ``check``; module doc). ``metric``: the fidelity metric
+    (None: fidelity.default_metric of the outputs); "agreement" trains by KL, the others by relative squared error.
+    Never raises for a graph it cannot run in torch: the result then has ``note`` and the input model."""
+    t0 = time.perf_counter()
+    names = trainable(optimized, baseline if baseline is not None else original, scope)
+    fixed = batch_multiple(input_specs(optimized), fit)
+    b = 1 if fit.feedwise else fixed or max(1, min(batch, fit.samples))
+
+    def skip(note: str) -> DistillResult:
+        log.warning("no distillation: %s", note)
+        return DistillResult(optimized, [], math.nan, math.nan, 0, time.perf_counter() - t0, scope, device,
+                             note=note)
+
+    if not names:
+        return skip("no layer to train")
+    inits = _arrays(optimized)
+    if any(inits[n].data_location == onnx.TensorProto.EXTERNAL for n in names):
+        return skip("weights stored as external data")
+    if any(inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
+        return skip("weights other than float32")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if not fit.feedwise:  # file order may be class by class: one random order, then fixed batches
+        fit = fit.take(rng.permutation(fit.samples))
+    fit_feeds, check_feeds = _feeds(fit, b), _feeds(check, b)
+    if not fit_feeds or not check_feeds:
+        return skip("too few samples for one batch")
+    try:
+        student = TorchGraph(optimized, names, device)
+    except NotExecutable as exc:
+        return skip(str(exc))
+    rtol = exactness_bound(optimized, check_feeds[:CHECK_FEEDS])[0]
+    differs = check_against_ort(optimized, check_feeds[:CHECK_FEEDS], rtol, student)
+    if differs:
+        return skip(differs)
+    features = feature_pairs(optimized, original, names) if feature_weight > 0 else []
+    teacher_graph = None
+    if features:
+        try:
+            teacher_graph = TorchGraph(original, (), device)
+        except NotExecutable as exc:
+            log.info("no feature matching: %s", exc)
+            features = []
+
+    session = make_session(original)
+    out_names = [o.name for o in session.get_outputs()]
+    first = [np.asarray(v) for v in session.run(out_names, fit_feeds[0])]
+    effective = metric or default_metric([v.shape for v in first])
+    probabilities = [looks_like_probabilities(v.reshape(v.shape[0], -1)) if v.ndim >= 1 else False for v in first]
+    classifier = effective == "agreement" and all(v.ndim == 2 for v in first)
+    loss_fn = _Loss(classifier, probabilities, feature_weight)
+
+    def targets(feed: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        outs = [np.asarray(v) for v in session.run(out_names, feed)]
+        if classifier:
+            outs = [log_probabilities(v.reshape(v.shape[0], -1), p) for v, p in zip(outs, probabilities)]
+        ts = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in outs]
+        if teacher_graph is not None:
+            with torch.no_grad():
+                ts += [t.detach() for t in teacher_graph.run(feed, features)]
+        return ts
+
+    fit_targets = [targets(f) for f in fit_feeds]
+    check_targets = [targets(f) for f in check_feeds]
+    wanted = [*out_names, *features]
+
+    def check_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([loss_fn(student.run(f, wanted), t, len(out_names)).item()
+                                  for f, t in zip(check_feeds, check_targets)]))
+
+    floats = [k for k, v in fit_feeds[0].items() if v.dtype.kind == "f"]
+    mix = mixup and bool(floats)
+
+    def mixed(a: dict[str, np.ndarray], b: dict[str, np.ndarray], lam: float) -> dict[str, np.ndarray]:
+        """Float inputs ``lam * a + (1 - lam) * b[perm]`` (the teacher labels any input; mixing real inputs
+        keeps a small calibration set from being memorized); other inputs those of ``a``."""
+        out = dict(a)
+        perm = rng.permutation(len(b[floats[0]])) if not fit.feedwise else None
+        for k in floats:
+            other = b[k][perm] if perm is not None and b[k].shape == a[k].shape else b[k]
+            if other.shape == a[k].shape:
+                out[k] = (lam * a[k] + (1 - lam) * other).astype(a[k].dtype)
+        return out
+
+    before = best = check_loss()
+    best_values = student.values()
+    initial = best_values
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    deadline = t0 + seconds
+    done, stale, order, planned, next_eval = 0, 0, [], steps, min(WARMUP, steps)
+    begin, fresh = 0, True  # the step the current schedule began at; no evaluation since
+    cut = False
+    while done < planned and stale < PATIENCE:
+        if time.perf_counter() >= deadline:
+            cut = True
+            break
+        if not order:
+            order = list(rng.permutation(len(fit_feeds)))
+        i = order.pop()
+        feed, target = fit_feeds[i], fit_targets[i]
+        if mix and rng.uniform() < MIX_SHARE:
+            feed = mixed(feed, fit_feeds[int(rng.integers(len(fit_feeds)))], float(rng.uniform()))
+            target = targets(feed)
+        for group in optimizer.param_groups:  # cosine from lr to 0 over the planned steps
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (done - begin) / max(1, planned - begin)))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(student.run(feed, wanted), target, len(out_names))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        optimizer.step()
+        done += 1
+        if done >= next_eval or done == planned:
+            value = check_loss()
+            log.debug("distillation step %d of %d (lr %.2g): batch loss %.4g, check loss %.4g", done, planned, lr,
+                      loss.item(), value)
+            if fresh and value > before and lr / BACKOFF >= MIN_LR:
+                # the first steps made it worse: too large a step for this model; start again, smaller
+                lr /= BACKOFF
+                student.load(initial)
+                optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+                begin, stale, next_eval = done, 0, done + min(WARMUP, planned - done)
+                continue
+            fresh = False
+            next_eval = done + max(1, (planned - begin) // EVALS)
+            if value < best:
+                best, best_values, stale = value, student.values(), 0
+            else:
+                stale += 1
+    out = optimized
+    if best < before:
+        out = onnx.ModelProto()
+        out.CopyFrom(optimized)
+        for init in out.graph.initializer:
+            if init.name in best_values:
+                init.CopyFrom(numpy_helper.from_array(best_values[init.name].astype(np.float32), init.name))
+    seconds_used = time.perf_counter() - t0
+    log.info("distillation: %d initializers, %d steps, check loss %.4g -> %.4g (%.1f s, %s)", len(names), done,
+             before, best, seconds_used, device)
+    return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut)
