@@ -27,7 +27,8 @@ from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_data, load_feeds
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.execution import CPU, Execution, resolve
-from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS
+from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, default_metric
+from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
 from onnx_easier.model_io import (
     check_model,
@@ -51,6 +52,7 @@ from onnx_easier.select import (
     linearize_and_fuse,
     output_error,
     run_batch,
+    same_graph,
     split_data,
 )
 from onnx_easier.shapes import infer_shapes
@@ -63,6 +65,9 @@ LINEARIZE_MODES = ("identity", "affine")
 EXACT_RTOL = 1e-4  # fusions are exact: max |a - b| / max(1, max |a|) over every output
 VERIFY_SAMPLES = 64
 GUARD_SAMPLES = 8  # samples of the batch the fail-safe checks of every rewrite run on
+BOUND_METHOD = ("one-sided upper bound at the stated confidence: agreement = max(Clopper-Pearson bound on the flip "
+                "rate, 0.11 * sqrt(bootstrap bound on the mean KL)); rel-l2 and cosine: percentile bootstrap over "
+                "the held-out samples; a candidate is accepted when it is within the effective tolerance")
 NOISE_MARGIN = 0.03  # a result measuring at most 3% slower than the input counts as not slower (timing noise)
 
 
@@ -74,9 +79,6 @@ class Analysis:
     source: str
     data: CalibrationData
     activations: list[Activation]
-BOUND_METHOD = ("one-sided upper bound at the stated confidence: agreement = max(Clopper-Pearson bound on the flip "
-                "rate, 0.11 * sqrt(bootstrap bound on the mean KL)); rel-l2 and cosine: percentile bootstrap over "
-                "the held-out samples; a candidate is accepted when it is within the effective tolerance")
     stats: dict[str, ChannelStats]
     before: Cost
     seconds: float
@@ -363,6 +365,66 @@ def _exact_or_input(analysis: Analysis, fused: onnx.ModelProto, judge: Judge,
     return original, 0.0, note
 
 
+def _checked_fusion(analysis: Analysis, checks: CheckData,
+                    pre: tuple[onnx.ModelProto, FusionResult] | None) -> tuple[onnx.ModelProto, FusionResult]:
+    """The exact fusions, fail-safe (select.fuse_model): ``pre``, the same fusion made unchecked, when it passes the
+    check fuse_model would make first (no second fusion); else fuse_model with ``checks``."""
+    if pre is not None and checks.guard(analysis.model, analysis.model).failure(pre[0]) is None:
+        return pre
+    return fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations), checks)
+
+
+def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *, tolerance: float,
+               metric: str | None, strategy: str, max_remove: int | None, mode: str, refit: bool, provider: str,
+               deadline: float | None, execution: Execution) -> tuple[onnx.ModelProto, dict, Callable] | None:
+    """An exact-only run (no search follows) on a model that no fusion pass changes: the input is written as it
+    is, after the cheap checks every written model passes (full checker, strict shape inference). Nothing else is
+    measured: the same graph computes the same outputs (fidelity 0, no run) as fast (latency not measured), and the
+    written file is verified by comparing it with the input. None when a pass changes the graph (or the input fails
+    the checks): the full path runs."""
+    fused, fusion = pre
+    if not same_graph(fused, analysis.model):
+        return None
+    try:
+        out = _finish(analysis, fused)
+    except (OnnxEasierError, onnx.checker.ValidationError):
+        return None  # the full path keeps the input's graph too, with its note
+    note = "not measured: no change (no pass changed the graph; the input is written as it is)"
+    log.info("no pass changed the graph: the input is written as it is, nothing measured")
+    rtol = exact_rtol(analysis.model)
+    shapes = [[d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in o.type.tensor_type.shape.dim]
+              for o in out.graph.output]
+    report = analysis.report()
+    report["mode"] = "tolerance"
+    report["linearize"] = mode
+    report["strategy"] = {"requested": strategy, "chosen": "exact", "refit": refit, "max_remove": max_remove}
+    report["after"] = analysis.before.as_report()
+    report["fidelity"] = {"metric": metric or default_metric(shapes), "value": 0.0, "tolerance": tolerance,
+                          "samples": 0, "ok": True, "components": {}, "note": note}
+    report["warnings"] = []
+    batch = run_batch(analysis.model, analysis.data, 1)
+    report["latency_ms"] = {**latency_report({}, "exact", "original", provider, batch, NOISE_MARGIN), "note": note}
+    report["search"] = {}
+    report["trials"] = 0
+    if deadline is not None:
+        report["time_limit"] = {"cut_short": False, "untried": {}, "skipped": []}
+    report["passes"] = _passes(fusion.results)
+    report["exactness"] = {"reference": "original (exact fusions only)", "max_relative_error": 0.0, "rtol": rtol,
+                           "samples": 0, "note": note}
+
+    def verifier(written: onnx.ModelProto) -> dict:
+        if same_graph(written, out):
+            return {"ok": True, "metric": "identical", "value": 0.0, "tolerance": tolerance, "max_relative_error": 0.0,
+                    "samples": 0, "reference": "original model",
+                    "note": "the file read back holds the input's graph and weights: nothing to run"}
+        e = max_relative_error(analysis.model, written, analysis.data, execution)  # e.g. weights moved to OUT.data
+        return {"ok": e <= rtol, "metric": "max-relative-error", "value": e, "tolerance": rtol,
+                "max_relative_error": e, "samples": min(VERIFY_SAMPLES, analysis.data.samples),
+                "reference": "original model"}
+
+    return out, report, verifier
+
+
 def _passes(results: list) -> list[dict]:
     """The report's "passes": one entry per PassResult, in order."""
     return [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in results]
@@ -438,12 +500,23 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  laps: Laps,
                  deadline: float | None = None, execution: Execution = CPU) -> tuple[onnx.ModelProto, dict, Callable]:
+    pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
+    if not (tolerance > 0 and analysis.activations and max_remove != 0):
+        try:
+            pre = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations))
+        except Exception:  # noqa: BLE001 - a pass that crashes: the checked fusion below finds it and rolls it back
+            pre = None
+        unchanged = pre and _unchanged(analysis, pre, tolerance=tolerance, metric=metric, strategy=strategy,
+                                       max_remove=max_remove, mode=mode, refit=refit, provider=provider,
+                                       deadline=deadline, execution=execution)
+        if unchanged:
+            return unchanged
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
     batch = run_batch(analysis.model, holdout, 32)
     judge = Judge(analysis.model, holdout, metric, tolerance, batch, execution)
     checks = check_data(analysis.model, holdout)
     rtol = checks.rtol
-    exact_model, exact_fusion = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations), checks)
+    exact_model, exact_fusion = _checked_fusion(analysis, checks, pre)
     exact_model, err, fallback = _exact_or_input(analysis, exact_model, judge, rtol)
     if fallback:
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
                    help="no search trial starts after SECONDS from the start (default 600): the best model verified "
                         "until then is written and the report says the search was cut short; 0: no limit")
+    p.add_argument("--distill", action="store_true",
+                   help="after the search, distil the chosen model's merged layers to the original's outputs on the "
+                   "calibration data (torch: pip install \"onnx-easier[distill]\"); kept only if the fidelity on the "
+                   "held-out samples improves")
+    p.add_argument("--distill-scope", choices=("merged", "all"), default="merged",
+                   help="layers --distill trains: those the search merged or re-fitted (default), or all")
+    p.add_argument("--distill-seconds", type=float, metavar="S",
+                   help="time budget of --distill (default: as long as the search took, at least 10 s)")
     p.add_argument("--keep-failed", action="store_true",
                    help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")
@@ -236,7 +244,8 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
                               linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
-                              time_limit=args.time_limit or None, on_step=display)
+                              time_limit=args.time_limit or None, on_step=display, distill=args.distill,
+                              distill_scope=args.distill_scope, distill_seconds=args.distill_seconds)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:

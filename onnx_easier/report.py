@@ -59,11 +59,13 @@ def print_report(report: dict, console: Console) -> None:
     console.print(entropy_table(report))
     console.print(cost_table(report))
     exact = report.get("exactness")
-    if exact:
+    if exact and exact.get("note"):
+        console.print(f"exact fusions: {exact['note']}")
+    elif exact:
         console.print(f"fusions exact against {exact['reference']}: max relative error "
                       f"{exact['max_relative_error']:.2e} on {exact['samples']} samples (rtol {exact['rtol']:g})")
     fid = report.get("fidelity")
-    if fid:
+    if fid and not fid.get("note"):
         console.print(f"fidelity ({fid['metric']}): loss {fid['value']:.4f} <= tolerance {fid['tolerance']:g} "
                       f"on {fid['samples']} held-out samples; {report.get('trials', 0)} trials, "
                       f"strategy {report['strategy']['chosen']}")

@@ -94,7 +94,7 @@ def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto, protected: Col
     ``checks``: fail-safe fusion. The fused model is checked against ``model`` (safety.Guard); when it fails, the
     fusion runs again with every pass checked and what breaks rolled back (fusion.py); if even that result fails,
     every fusion is given up and ``model`` comes back unfused, with a warning. Without ``checks`` (cost estimates)
-    nothing is checked."""
+    nothing is checked, nor is a graph that no pass changed (``same_graph``: nothing to check)."""
     graph = to_graph(infer_shapes(model))
     if checks is None:
         result = fuse(graph, protected=protected)
@@ -106,7 +106,7 @@ def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto, protected: Col
     except Exception as exc:  # noqa: BLE001 - a pass that crashes: find it pass by pass below
         failure = Failure(f"fusion raised {type(exc).__name__}: {exc}")
     else:
-        failure = guard.failure(out)
+        failure = None if same_graph(out, model) else guard.failure(out)
         if failure is None:
             return out, result
     log.info("the fused model fails its check (%s): fusing again pass by pass", failure.reason)
@@ -122,6 +122,16 @@ def fuse_model(model: onnx.ModelProto, template: onnx.ModelProto, protected: Col
         del out.graph.value_info[:]
         result = FusionResult(results=[PassResult("fusion", 0, [note])])
     return out, result
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether ``a`` and ``b`` hold the same computation: equal nodes, initializers, inputs, outputs, opsets and
+    functions (value_info, doc strings and the graph's name aside)."""
+    ga, gb = a.graph, b.graph
+    return (list(ga.node) == list(gb.node) and list(ga.initializer) == list(gb.initializer)
+            and list(ga.sparse_initializer) == list(gb.sparse_initializer) and list(ga.input) == list(gb.input)
+            and list(ga.output) == list(gb.output) and list(a.opset_import) == list(b.opset_import)
+            and list(a.functions) == list(b.functions))
 
 
 def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

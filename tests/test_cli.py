@@ -273,7 +273,7 @@ def test_report_gives_seconds_per_phase_and_steps_are_counted(files, capsys) -> 
     assert [d for d, _ in trials] == list(range(1, result.report["trials"] + 1))
     assert all(0 < d <= p for d, p in trials) and trials[-1][0] == trials[-1][1]  # the plan ends where it stops
     first_plan = next(p for ph, d, p, _ in steps if ph == "search entropy" and d == 0)
-    assert first_plan == len(result.report["activations"])  # one candidate per activation, none excluded yet
+    assert trials[0][1] <= first_plan <= len(result.report["activations"])  # at most one candidate per activation
 
 
 def test_step_display_shows_phase_count_and_time_left() -> None:

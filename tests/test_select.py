@@ -74,8 +74,10 @@ def test_tolerance_zero_writes_only_exact_fusions(setup) -> None:
     r = optimize(setup["model"], setup["data"], tolerance=0.0)
     assert all(a["action"] == "kept" for a in r.report["activations"])
     assert r.report["trials"] == 0
-    assert r.report["after"]["macs"] <= r.report["before"]["macs"]
-    assert r.report["latency_ms"]["after"] <= r.report["latency_ms"]["before"] * 1.03
+    assert r.report["after"] == r.report["before"]  # fc1 -> r1 -> fc2 -> r2 -> fc3: nothing fuses exactly
+    # the same graph runs as fast and computes the same: nothing is timed or run (only the cheap checks)
+    assert r.report["latency_ms"]["after"] is None and "no change" in r.report["latency_ms"]["note"]
+    assert r.report["exactness"]["samples"] == 0 and r.report["fidelity"]["value"] == 0.0
 
 
 def test_max_remove_caps_the_count(setup) -> None:

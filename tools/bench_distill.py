@@ -1,0 +1,105 @@
+"""With and without ``--distill``: what distillation to the original wins back, along the tolerance.
+
+    python tools/bench_distill.py                                      # the six example models, 3 tolerances
+    python tools/bench_distill.py --models ffn_digits mobilenetv2_digits --tolerances 0.01 --json distill.json
+
+Per model and tolerance, ``optimize(model, calib, tolerance=t)`` runs without and with ``distill=True`` (scope
+``--scope``, the default time budget unless ``--seconds``); for each result: activations linearized, compute nodes,
+the tool's fidelity loss on its held-out calibration samples, the TEST accuracy loss in points on
+``models/digits<R>_test.npz`` (labels the tool never sees), the latency ratio the tool measured, the optimize
+seconds, and for the distilled runs the fidelity before / after distillation and whether it was kept.
+
+Then the iso-loss comparison of tools/bench_tradeoff.py: per distilled point, the most activations any run without
+distillation linearized at a test loss no larger than this point's (the original counts: 0 at loss 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_easier import accuracy, digits_case, model_parser, per_model
+
+from onnx_easier.api import optimize
+
+TOLERANCES = (0.005, 0.01, 0.02)
+
+
+def sweep(name: str, models_dir: Path, tolerances: Sequence[float], scope: str, seconds: float | None) -> dict:
+    case = digits_case(name, models_dir)
+    points = []
+    for distill in (False, True):
+        for tol in tolerances:
+            t0 = time.perf_counter()
+            result = optimize(case.path, case.calib, tolerance=tol, distill=distill, distill_scope=scope,
+                              distill_seconds=seconds)
+            acc, _ = accuracy(result.model, case.x_test, case.y_test)
+            rep = result.report
+            acts = rep["activations"]
+            points.append({
+                "distill": distill, "tolerance": tol,
+                "linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
+                "compute_nodes": rep["after"]["compute_nodes"], "fidelity": rep["fidelity"]["value"],
+                "accuracy_loss": case.accuracy - acc, "latency_ratio": rep["latency_ms"]["ratio"],
+                "wall_s": time.perf_counter() - t0, "report": rep.get("distill"),
+            })
+    return {"model": name, "test_accuracy": case.accuracy, "test_samples": len(case.y_test), "points": points}
+
+
+def iso_loss(res: dict) -> list[tuple[dict, int | None]]:
+    """Per distilled point: the largest count without distillation at a test loss <= its own (None: none)."""
+    plain = [(p["accuracy_loss"], p["linearized"]) for p in res["points"] if not p["distill"]] + [(0.0, 0)]
+    return [(p, max((n for loss, n in plain if loss <= p["accuracy_loss"] + 1e-9), default=None))
+            for p in res["points"] if p["distill"]]
+
+
+def _distilled(d: dict | None) -> str:
+    if not d:
+        return ""
+    if "before" not in d:
+        return d.get("note", "")
+    return f"{d['before']:.4f} -> {d['after']:.4f} {'kept' if d['kept'] else 'not kept'}, {d.get('steps', 0)} steps"
+
+
+def table(results: list[dict]) -> str:
+    head = ["model", "tolerance", "run", "linearized", "compute nodes", "fidelity loss", "test loss (pt)",
+            "latency ratio", "optimize (s)", "distillation (fidelity)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        for p in sorted(res["points"], key=lambda p: (p["tolerance"], p["distill"])):
+            ratio = "" if p["latency_ratio"] is None else f"{p['latency_ratio']:.2f}"
+            lines.append(f"| {res['model']} | {p['tolerance']:g} | {'distill' if p['distill'] else 'plain'} | "
+                         f"{p['linearized']}/{p['activations']} | {p['compute_nodes']} | {p['fidelity']:.4f} | "
+                         f"{p['accuracy_loss']:+.2f} | {ratio} | {p['wall_s']:.1f} | {_distilled(p['report'])} |")
+    return "\n".join(lines)
+
+
+def iso_table(results: list[dict]) -> str:
+    rows = [f"| {res['model']} | {p['tolerance']:g}: {p['linearized']}, {p['accuracy_loss']:+.2f} pt | "
+            f"{'none' if best is None else best} |" for res in results for p, best in iso_loss(res)]
+    head = "| model | distilled point (tolerance: linearized, test loss) | most linearized without, at no more test loss |"
+    return "\n".join([head, "|---|---|---|", *rows])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = model_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES), metavar="T")
+    parser.add_argument("--scope", choices=("merged", "all"), default="merged")
+    parser.add_argument("--seconds", type=float, metavar="S", help="--distill-seconds (default: the tool's)")
+    args = parser.parse_args(argv)
+    results = per_model(args.models, lambda n: sweep(n, args.models_dir, args.tolerances, args.scope, args.seconds))
+    print(table(results))
+    print()
+    print(iso_table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"tolerances": args.tolerances, "scope": args.scope, "results": results},
+                                        indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
