@@ -11,6 +11,7 @@ Pipelines, written out:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from onnx_easier.cost import Cost, measure
 from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_data, load_feeds
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.execution import CPU, Execution, resolve
-from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, default_metric
+from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric
 from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
 from onnx_easier.model_io import (
@@ -271,6 +272,9 @@ def optimize(
     progress: bool = False,
     on_step: StepHook | None = None,
     time_limit: float | None = None,
+    distill: bool = False,
+    distill_scope: str = "merged",
+    distill_seconds: float | None = None,
 ) -> Result:
     """Make ``model`` shallower.
 
@@ -289,6 +293,10 @@ def optimize(
     ``time_limit`` (seconds from the call): no search trial starts after it; the best model verified so far (the
     candidates accepted until then) goes on to the latency step and is written, and the report says the search was
     cut short (``report["time_limit"]``). None: no limit.
+    ``distill`` (budget mode, needs torch): distil the chosen model's merged layers (``distill_scope="all"``: every
+    layer) to the original's outputs for ``distill_seconds`` (None: as long as the search took, at least
+    ``DISTILL_MIN_SECONDS``); kept only if the fidelity on the held-out samples improves (distill.py,
+    ``report["distill"]``).
     """
     if linearize_mode not in LINEARIZE_MODES:
         raise BadArgumentError(f"--linearize must be one of {', '.join(LINEARIZE_MODES)}, not {linearize_mode!r}")
@@ -304,6 +312,8 @@ def optimize(
         raise BadArgumentError(f"--tolerance must be >= 0, not {tolerance}")
     if time_limit is not None and not time_limit > 0:
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
+    if distill:
+        _check_distill(distill_scope, distill_seconds)
     t_start = time.perf_counter()
     laps = Laps(on_step)
     laps.start("calibration")
@@ -320,7 +330,8 @@ def optimize(
         out, report, verifier = _budget_mode(analysis, tolerance=tolerance, metric=metric, strategy=strategy,
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
                                    shapes=shapes, seed=seed, laps=laps,
-                                   deadline=None if time_limit is None else t_start + time_limit, execution=execution)
+                                   deadline=None if time_limit is None else t_start + time_limit, execution=execution,
+                                   distill_scope=distill_scope if distill else None, distill_seconds=distill_seconds)
     laps.stop()
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["phases"] = laps.report(report["seconds"])
@@ -499,7 +510,8 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  laps: Laps,
-                 deadline: float | None = None, execution: Execution = CPU) -> tuple[onnx.ModelProto, dict, Callable]:
+                 deadline: float | None = None, execution: Execution = CPU, distill_scope: str | None = None,
+                 distill_seconds: float | None = None) -> tuple[onnx.ModelProto, dict, Callable]:
     pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
     if not (tolerance > 0 and analysis.activations and max_remove != 0):
         try:
@@ -568,6 +580,14 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     linearized = set(result.linearized) if result else set()
     laps.start("verification", "fidelity of the model chosen on the held-out samples")
     fidelity = judge(out)
+    distilled = None
+    if distill_scope is not None and result is None:
+        distilled = {"kept": False, "scope": distill_scope, "note": "no search model was chosen: nothing to distil"}
+    elif distill_scope is not None:
+        laps.start("distillation", f"distilling the merged layers to the original ({distill_scope})")
+        seconds = distill_seconds or max(DISTILL_MIN_SECONDS, sum(r.seconds for r in results))
+        out, fidelity, distilled = _distill(analysis, exact_model, out, fidelity, fit, check, judge,
+                                            distill_scope, seconds, seed, provider)
 
     tried: dict[str, float] = {}  # the fidelity each activation had when first tried by the strategy kept
     for r in [result] if result else results:
@@ -586,6 +606,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["after"] = measure(out, n_after, shapes).as_report()
     report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
+    if distilled is not None:
+        report["distill"] = distilled
     warning = fidelity.training_data_warning()
     report["fidelity"]["bound_method"] = BOUND_METHOD
     resolution_note = judge.warning if any(r.trials for r in results) else None
@@ -630,3 +652,36 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
     del session  # freed before the next one maps its weights
     session = execution.session(b)
     return max((output_error(ref, session.run(names, feed)) for ref, feed in zip(expected, feeds)), default=0.0)
+
+
+DISTILL_MIN_SECONDS = 10.0
+DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
+
+
+def _check_distill(scope: str, seconds: float | None) -> None:
+    """--distill's arguments, and torch (an optional dependency: the ``distill`` extra)."""
+    if scope not in ("merged", "all"):
+        raise BadArgumentError(f"--distill-scope must be merged or all, not {scope!r}")
+    if seconds is not None and not seconds > 0:
+        raise BadArgumentError(f"--distill-seconds must be > 0, not {seconds}")
+    if importlib.util.find_spec("torch") is None:
+        raise BadArgumentError(f"--distill needs torch: {DISTILL_INSTALL}")
+
+
+def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelProto, fidelity: Fidelity,
+             fit: CalibrationData, check: CalibrationData, judge: Judge, scope: str, seconds: float, seed: int,
+             provider: str) -> tuple[onnx.ModelProto, Fidelity, dict]:
+    """``model`` distilled (distill.py; the layers changed from ``baseline``, the exact fusions, with scope
+    ``merged``), with its fidelity on the held-out samples, if that improved; else ``model`` and ``fidelity``
+    unchanged. The report's ``distill``: fidelity before / after, kept, and the training's figures."""
+    from onnx_easier.distill import distill, torch_device
+
+    r = distill(analysis.model, model, fit, check, baseline=baseline, scope=scope, metric=judge.metric,
+                seconds=seconds, seed=seed, device=torch_device(provider))
+    after = judge(r.model) if r.model is not model else fidelity
+    kept = bool(after.value < fidelity.value)
+    rep = {"before": float(fidelity.value), "after": float(after.value), "kept": kept, **r.as_report()}
+    if not kept:
+        return model, fidelity, rep
+    log.info("distillation kept: fidelity loss %.5f -> %.5f", fidelity.value, after.value)
+    return _finish(analysis, r.model), after, rep
