@@ -25,7 +25,15 @@ from onnx_easier import __version__
 from onnx_easier.activations import Activation, ensure_node_names, find_activations
 from onnx_easier.calibrate import ChannelStats, calibrate
 from onnx_easier.cost import Cost, measure
-from onnx_easier.data import CalibrationData, batch_multiple, input_specs, load_data, load_feeds
+from onnx_easier.data import (
+    CalibrationData,
+    activation_bytes,
+    batch_multiple,
+    choose_batch_size,
+    input_specs,
+    load_data,
+    load_feeds,
+)
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.execution import CPU, Execution, resolve
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric
@@ -524,7 +532,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         if unchanged:
             return unchanged
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
-    batch = run_batch(analysis.model, holdout, 32)
+    batch = run_batch(analysis.model, holdout, choose_batch_size(  # the fidelity runs' and the re-fits' batch
+        input_specs(analysis.model), holdout, max_batch=32, sample_bytes=activation_bytes(analysis.model, shapes)))
     judge = Judge(analysis.model, holdout, metric, tolerance, batch, execution)
     checks = check_data(analysis.model, holdout)
     rtol = checks.rtol

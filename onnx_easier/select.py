@@ -240,6 +240,26 @@ def refit_targets(reference: onnx.ModelProto, fusion: FusionResult | None, model
     return names + [n for n in output_layers(model) if n not in names]
 
 
+def stale_activations(before: onnx.ModelProto, after: onnx.ModelProto, acts: list[Activation]) -> set[str]:
+    """Names of the activations of ``acts`` whose pre-activation tensor in ``after`` may differ from ``before``:
+    downstream of a node of ``after`` that is new, differs from ``before``'s node of the same name, or reads an
+    initializer whose value changed (a re-fit); or whose tensor ``after`` no longer computes. The others see the
+    same inputs through the same nodes, so their statistics on the same data are the same."""
+    old_nodes = {n.name: n for n in before.graph.node}
+    old_init = {t.name: t for t in before.graph.initializer}
+    new_init = {t.name: t for t in after.graph.initializer}
+    changed: set[str] = set()
+    produced: set[str] = {i.name for i in after.graph.input}
+    for node in after.graph.node:
+        old = old_nodes.get(node.name)
+        dirty = (old is None or old != node or any(i in changed for i in node.input)
+                 or any(i in new_init and (i not in old_init or new_init[i] != old_init[i]) for i in node.input))
+        if dirty:
+            changed.update(node.output)
+        produced.update(node.output)
+    return {a.name for a in acts if a.input in changed or a.input not in produced}
+
+
 def split_data(data: CalibrationData, multiple: int = 1,
                seed: int = 0) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
     """(fit, check, holdout), drawn at random (seeded) so that data stored in any order (e.g. class by class) give
@@ -530,6 +550,7 @@ class Search:
         self.targets = Targets(self.original, execution=self.judge.execution)
         self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
         self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
+        self._state_models: dict[tuple, onnx.ModelProto] = {}  # the model of each state whose stats are memoized
         self._gain_model: GainModel | None = None
         self._gains: dict[tuple[str, ...], Gain] = {}
         self.skipped: list[tuple[list[str], str]] = []
@@ -567,6 +588,28 @@ class Search:
         """Whether ``a`` has more nodes, compute nodes or MACs than ``b``."""
         ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
         return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
+
+    def _state_stats(self, current: onnx.ModelProto, path: tuple,
+                     remaining: list[Activation]) -> dict[str, ChannelStats]:
+        """The affine-fit statistics of the ``remaining`` activations in the state ``path`` (memoized). After an
+        acceptance only the activations downstream of what the accepted candidate changed are calibrated again
+        (``stale_activations``); the others keep the parent state's statistics, which are the same numbers."""
+        if path in self._stats_memo:
+            return self._stats_memo[path]
+        parent = path[:-1]
+        if self.mode == "affine" and path and parent in self._stats_memo and parent in self._state_models:
+            before = self._stats_memo[parent]
+            stale = stale_activations(self._state_models[parent], current, remaining)
+            kept = {a.name: before[a.name] for a in remaining if a.name not in stale and a.name in before}
+            fresh = self._stats(current, [a for a in remaining if a.name not in kept])
+            stats = {**kept, **fresh}
+            log.info("affine statistics of state %d: %d activations re-calibrated, %d kept", len(path),
+                     len(fresh), len(kept))
+        else:
+            stats = self._stats(current, remaining)
+        self._stats_memo[path] = stats
+        self._state_models[path] = current
+        return stats
 
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
@@ -644,9 +687,7 @@ class Search:
                cand: Candidate) -> tuple[Trial, onnx.ModelProto | None, Fidelity | None]:
         """Linearize ``cand`` in ``current`` (the state reached by ``path``), fuse, re-fit, measure."""
         t0 = time.perf_counter()
-        if path not in self._stats_memo:
-            self._stats_memo[path] = self._stats(current, remaining)
-        stats = self._stats_memo[path]
+        stats = self._state_stats(current, path, remaining)
         fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
         others = kept_nodes(remaining, cand.acts)
         built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others, self.checks)

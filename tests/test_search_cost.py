@@ -1,0 +1,53 @@
+"""Work the search shares between states: statistics kept where an accepted candidate changed nothing upstream."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_easier.activations import find_activations
+from onnx_easier.calibrate import calibrate
+from onnx_easier.data import CalibrationData
+from onnx_easier.model_io import to_graph
+from onnx_easier.select import stale_activations
+from onnx_easier.shapes import infer_shapes
+
+
+def chain(scale2: float = 1.0) -> onnx.ModelProto:
+    """x[N,8] -> (MatMul -> Relu) x 3 -> y; ``scale2`` multiplies the second layer's weight (a re-fit stand-in)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, t = [], [], "x"
+    for i in range(3):
+        w = rng.standard_normal((8, 8)).astype(np.float32) * (scale2 if i == 1 else 1.0)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [t, f"w{i}"], [f"h{i}"], name=f"m{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}" if i < 2 else "y"], name=f"r{i}")]
+        t = f"a{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_only_activations_downstream_of_a_change_are_stale() -> None:
+    before, after = chain(1.0), chain(2.0)
+    acts = find_activations(to_graph(infer_shapes(before)))
+    assert stale_activations(before, before, acts) == set()
+    assert stale_activations(before, after, acts) == {"r1", "r2"}
+    rewired = chain(1.0)  # a node removed upstream (r0 bypassed): everything after it is stale
+    rewired.graph.node[2].input[0] = "h0"
+    del rewired.graph.node[1]
+    assert stale_activations(before, rewired, [a for a in acts if a.name != "r0"]) == {"r1", "r2"}
+
+
+def test_kept_statistics_equal_a_fresh_calibration() -> None:
+    before, after = chain(1.0), chain(2.0)
+    acts = find_activations(to_graph(infer_shapes(before)))
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    data = CalibrationData("mem", 64, {"x": x})
+    old = calibrate(before, acts, data, moments=True)
+    new = calibrate(after, acts, data, moments=True)
+    kept = [a.name for a in acts if a.name not in stale_activations(before, after, acts)]
+    assert kept == ["r0"]
+    for name in kept:
+        np.testing.assert_array_equal(old[name].count_on, new[name].count_on)
+        np.testing.assert_allclose(old[name].affine_fit(), new[name].affine_fit(), rtol=1e-12)
