@@ -283,6 +283,7 @@ def optimize(
     distill: bool = False,
     distill_scope: str = "merged",
     distill_seconds: float | None = None,
+    try_all: bool = False,
 ) -> Result:
     """Make ``model`` shallower.
 
@@ -305,6 +306,8 @@ def optimize(
     layer) to the original's outputs for ``distill_seconds`` (None: as long as the search took, at least
     ``DISTILL_MIN_SECONDS``); kept only if the fidelity on the held-out samples improves (distill.py,
     ``report["distill"]``).
+    ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
+    elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """
     if linearize_mode not in LINEARIZE_MODES:
         raise BadArgumentError(f"--linearize must be one of {', '.join(LINEARIZE_MODES)}, not {linearize_mode!r}")
@@ -339,7 +342,8 @@ def optimize(
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
                                    shapes=shapes, seed=seed, laps=laps,
                                    deadline=None if time_limit is None else t_start + time_limit, execution=execution,
-                                   distill_scope=distill_scope if distill else None, distill_seconds=distill_seconds)
+                                   distill_scope=distill_scope if distill else None, distill_seconds=distill_seconds,
+                                   try_all=try_all)
     laps.stop()
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["phases"] = laps.report(report["seconds"])
@@ -519,7 +523,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  laps: Laps,
                  deadline: float | None = None, execution: Execution = CPU, distill_scope: str | None = None,
-                 distill_seconds: float | None = None) -> tuple[onnx.ModelProto, dict, Callable]:
+                 distill_seconds: float | None = None, try_all: bool = False) -> tuple[onnx.ModelProto, dict, Callable]:
     pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
     if not (tolerance > 0 and analysis.activations and max_remove != 0):
         try:
@@ -543,7 +547,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, None, checks, deadline, on_step=laps.on_step)
+                    max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
     big = external_dir(analysis.model) is not None
@@ -624,7 +628,9 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["latency_ms"] = latency_report(lat, chosen, "original", provider,
                                           int(next(iter(feeds.values())).shape[0]), NOISE_MARGIN)
     report["search"] = {r.strategy: {"linearized": r.linearized, "seconds": round(r.seconds, 3),
-                                     "trials": [t.as_report() for t in r.trials]} for r in results}
+                                     "trials": [t.as_report() for t in r.trials],
+                                     "skipped": [{"activations": a, "reason": why} for a, why in r.skipped]}
+                          for r in results}
     report["trials"] = sum(len(r.trials) for r in results)
     if deadline is not None:
         untried = {r.strategy: r.untried for r in results if r.untried}

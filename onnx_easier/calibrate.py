@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnx_easier.activations import Activation
-from onnx_easier.data import CalibrationData, batch_multiple, choose_batch_size, input_specs
+from onnx_easier.data import CalibrationData, activation_bytes, batch_multiple, choose_batch_size, input_specs
 from onnx_easier.entropy import channel_on_fraction, layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
 from onnx_easier.execution import CPU, Execution
@@ -267,10 +267,11 @@ def calibrate(
     """Per-channel statistics of every activation over ``data``, keyed by activation name.
 
     One ORT session (optimizations off) on the augmented model runs batch by batch and fetches only the exposed
-    tensors. ``batch_size`` defaults to ``choose_batch_size``, further capped so that one batch of exposed tensors
-    stays near 128 MB (two are alive at a time); a model whose batch axis is fixed to N runs in batches of exactly N
-    and the remaining samples are dropped with a warning. ``moments=True`` also fetches the activation outputs and
-    collects the sums that ``ChannelStats.affine_fit`` needs. The session runs on ``execution``'s provider.
+    tensors. ``batch_size`` defaults to ``choose_batch_size`` with the tensors one sample keeps alive in the
+    augmented model (``data.activation_bytes``: the exposed ones to the end of the run), further capped so that one
+    batch of exposed tensors stays near 128 MB (two are alive at a time); a model whose batch axis is fixed to N
+    runs in batches of exactly N and the remaining samples are dropped with a warning. ``moments=True`` also
+    fetches the activation outputs and collects the sums that ``ChannelStats.affine_fit`` needs. The session runs on ``execution``'s provider.
     """
     names = [a.name for a in activations]
     if len(set(names)) != len(names):
@@ -280,8 +281,12 @@ def calibrate(
     fetch = list(dict.fromkeys([a.input for a in activations] + ([a.output for a in activations] if moments else [])))
     types = tensor_types(model)
     fixed = batch_multiple(specs, data)
+    augmented = augment(model, fetch, types) if activations else None
     if batch_size is None:
-        batch_size = choose_batch_size(specs, data)
+        # the run's own tensors (the exposed ones stay to the end) within the budget of one ORT run
+        batched = augmented is not None and fixed is None and not data.feedwise
+        sample = activation_bytes(augmented, data.feed_shapes()) if batched else 0
+        batch_size = choose_batch_size(specs, data, sample_bytes=sample)
         if fixed is None and not data.feedwise:
             batch_size = min(batch_size, _exposed_cap(fetch, types))
     elif batch_size < 1:
@@ -306,7 +311,8 @@ def calibrate(
         )
     if not activations:
         return {}
-    sess = execution.session(augment(model, fetch, types), optimize=False)
+    sess = execution.session(augmented, optimize=False)
+    del augmented  # the session holds its own copy of the weights
     stats: dict[str, ChannelStats] = {}
 
     def fold(values: dict[str, np.ndarray]) -> None:

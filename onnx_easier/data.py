@@ -28,6 +28,7 @@ otherwise the batch size is chosen so that one batch of inputs is about 16 MB.
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RANDOM_SAMPLES = 64
 BATCH_BYTES = 16 * 2**20
+RUN_BYTES = 128 * 2**20  # tensors alive in one ORT run (activation_bytes per sample): sets the batch size
+_SMALL_INITIALIZER = 64  # elements: initializers up to this size keep their values in activation_bytes' copy
 MAX_BATCH = 256
 _RANDOM_INT_HIGH = 10  # random integer inputs are drawn from [0, 10)
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -214,11 +217,13 @@ def batch_multiple(specs: list[InputSpec], data: CalibrationData) -> int | None:
 
 
 def choose_batch_size(
-    specs: list[InputSpec], data: CalibrationData, *, max_bytes: int = BATCH_BYTES, max_batch: int = MAX_BATCH
+    specs: list[InputSpec], data: CalibrationData, *, max_bytes: int = BATCH_BYTES, max_batch: int = MAX_BATCH,
+    sample_bytes: int = 0, run_bytes: int = RUN_BYTES,
 ) -> int:
     """Samples per ORT run: the model's fixed batch size if axis 0 is fixed (the remainder is then dropped by the
     caller), 1 for whole-feed data (scalar inputs among them), else as many samples as fit in ``max_bytes`` of
-    inputs, clamped to ``[1, max_batch]`` and to the number of samples."""
+    inputs and, given ``sample_bytes`` (``activation_bytes``: the tensors one sample keeps alive at once inside
+    the model), in ``run_bytes`` of those, clamped to ``[1, max_batch]`` and to the number of samples."""
     if data.feedwise:
         return 1
     fixed = fixed_batch(specs)
@@ -226,7 +231,65 @@ def choose_batch_size(
         return fixed
     per_sample = sum(arr[:1].nbytes for arr in data.arrays.values())
     size = max_bytes // max(per_sample, 1)
+    if sample_bytes > 0:
+        size = min(size, run_bytes // sample_bytes)
     return int(max(1, min(size, max_batch, data.samples)))
+
+
+def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Estimated peak bytes of the tensors one ORT run keeps alive at once, for inputs of ``shapes`` (one sample:
+    ``CalibrationData.feed_shapes``), weights not counted: the nodes run in graph order, each output is allocated
+    when its node runs and freed after its last reader (graph outputs stay), so the peak is the largest sum of live
+    tensors (ORT's planner reuses freed buffers the same way). Sizes come from ONNX shape inference on a copy that
+    holds only the small initializers (the large ones become typed inputs: no copy of the weights); tensors of
+    unknown size count as nothing, so this is a lower bound where inference stops. 0 when inference fails."""
+    g = model.graph
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name = model.ir_version, model.producer_name
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(g.node)
+    light.graph.output.extend(g.output)
+    weights: set[str] = set()
+    for vi in g.input:
+        copy = light.graph.input.add()
+        copy.CopyFrom(vi)
+        if vi.name in shapes and copy.type.HasField("tensor_type"):
+            copy.type.tensor_type.shape.Clear()
+            for d in shapes[vi.name]:
+                copy.type.tensor_type.shape.dim.add().dim_value = int(d)
+    declared = {vi.name for vi in g.input}
+    for t in g.initializer:
+        weights.add(t.name)
+        if math.prod(t.dims) <= _SMALL_INITIALIZER:  # shape operands (Reshape, Slice) stay values
+            light.graph.initializer.append(t)
+        elif t.name not in declared:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - an estimate: the model was validated on load
+        return 0
+    size: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.HasField("shape") or tt.elem_type == onnx.TensorProto.UNDEFINED:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        size[vi.name] = math.prod(dims) * itemsize
+    last: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for name in node.input:
+            last[name] = i
+    kept = {o.name for o in g.output}
+    live = sum(size.get(s.name, 0) for s in g.input if s.name not in weights)
+    peak = live
+    for i, node in enumerate(g.node):
+        live += sum(size.get(o, 0) for o in node.output if o)
+        peak = max(peak, live)
+        for name in dict.fromkeys([*node.input, *node.output]):
+            if name and name not in weights and name not in kept and last.get(name, -1) <= i:
+                live -= size.get(name, 0)
+    return int(peak)
 
 
 def load_data(

@@ -561,10 +561,16 @@ def make_session(
     optimize: bool = False,
     providers: list[str | tuple[str, dict[str, str]]] | None = None,
     threads: int = 0,
+    arena: bool = False,
 ) -> ort.InferenceSession:
-    """An ORT session with logging at errors only. ``optimize=False`` keeps every tensor name (no fusions)."""
+    """An ORT session with logging at errors only. ``optimize=False`` keeps every tensor name (no fusions).
+
+    ``arena=False`` (work sessions): no CPU memory arena, so the memory of a run goes back as soon as the run ends
+    (an arena keeps the largest run's tensors for the session's life: 700 MB for ResNet-50 at batch 32, against a
+    400 MB peak without, at the same CPU time). Timed sessions keep ORT's default (``arena=True``), as deployed."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -12,8 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_easier.data import (
     BATCH_BYTES,
+    RUN_BYTES,
     CalibrationData,
     InputSpec,
+    activation_bytes,
     choose_batch_size,
     input_specs,
     load_data,
@@ -381,6 +383,37 @@ def test_scalar_input() -> None:
 
 
 # --- batching -----------------------------------------------------------------------------------------------------
+
+
+def _conv_relu_reshape(expose: bool) -> onnx.ModelProto:
+    """x [N,4,8,8] -> Conv 4->16 (3x3, pad 1; a weight of 576 values) -> Relu -> Reshape [0, -1]; ``expose``: the
+    Conv output is a graph output too (as calibration exposes pre-activations)."""
+    w = numpy_helper.from_array(np.ones((16, 4, 3, 3), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", F32, ["N", 1024])]
+    if expose:
+        outputs.append(helper.make_tensor_value_info("c", F32, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 4, 8, 8])], outputs, [w, shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_activation_bytes_is_the_peak_of_live_tensors() -> None:
+    """Tensors are freed after their last reader, graph outputs stay, weights never count; sizes for the given
+    (one-sample) shapes: x 1 KiB, c / r / y 4 KiB each."""
+    assert activation_bytes(_conv_relu_reshape(False), {"x": (1, 4, 8, 8)}) == 8192  # r + y, or c + r
+    assert activation_bytes(_conv_relu_reshape(True), {"x": (1, 4, 8, 8)}) == 12288  # c kept: c + r + y
+    assert activation_bytes(_conv_relu_reshape(False), {"x": (2, 4, 8, 8)}) == 16384
+
+
+def test_choose_batch_size_from_the_run_budget() -> None:
+    """The batch is capped by the run's tensors (sample_bytes) as well as by the inputs' bytes."""
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 4, 8, 8))]
+    data = CalibrationData("mem", 1000, {"x": np.zeros((1000, 4, 8, 8), np.float32)})
+    assert choose_batch_size(specs, data) == 256  # MAX_BATCH: the inputs are small
+    assert choose_batch_size(specs, data, sample_bytes=RUN_BYTES // 10) == 10
+    assert choose_batch_size(specs, data, sample_bytes=RUN_BYTES * 4) == 1
 
 
 def test_batches_and_subset() -> None:

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_easier.errors import InvalidModelError, UnsupportedModelError
+from onnx_easier.execution import CPU
 from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
 
 
@@ -45,6 +46,15 @@ def test_overridable_initializer_survives_round_trip() -> None:
     x = np.ones((1, 2), np.float32)
     np.testing.assert_allclose(s.run(None, {"x": x})[0], x @ np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_allclose(s.run(None, {"x": x, "W": np.zeros((2, 3), np.float32)})[0], 0)
+
+
+def test_work_sessions_run_without_the_memory_arena() -> None:
+    """Work sessions give a run's memory back when it ends (no CPU arena); timed ones keep ORT's default."""
+    model = _matmul_model("initializer")
+    assert not make_session(model).get_session_options().enable_cpu_mem_arena
+    assert make_session(model, arena=True).get_session_options().enable_cpu_mem_arena
+    assert not CPU.session(model).get_session_options().enable_cpu_mem_arena
+    assert CPU.session(model, timed=True).get_session_options().enable_cpu_mem_arena
 
 
 def test_save_is_atomic_and_leaves_no_temporaries(tmp_path: Path) -> None:

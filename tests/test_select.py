@@ -11,9 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_easier import optimize
 from onnx_easier.cli import main
 from onnx_easier.data import CalibrationData
+from onnx_easier.execution import CPU
 from onnx_easier.model_io import make_session
 from onnx_easier.reconstruct import refit_layers
-from onnx_easier.select import _adjacent, linearize_and_fuse, split_data
+from onnx_easier.select import Judge, _adjacent, linearize_and_fuse, split_data
 
 
 def mlp(bias1: float, seed: int = 0, hidden: int = 64) -> onnx.ModelProto:
@@ -387,3 +388,34 @@ def test_residual_target_not_used_when_the_other_addend_reads_the_layer() -> Non
     assert [(r.node, r.target, r.accepted) for r in records] == [("fc", "h", True)]
     np.testing.assert_allclose(make_session(model).run(["y"], {"x": x[200:]})[0],
                                make_session(original).run(["y"], {"x": x[200:]})[0], atol=1e-4)
+
+
+def test_judge_measures_fidelity_and_max_error_in_one_run() -> None:
+    """api asks for both figures of the same model (the exact check, the written file's verification): one run."""
+    class Counting:
+        def __init__(self) -> None:
+            self.sessions = 0
+
+        def session(self, model: onnx.ModelProto) -> object:
+            self.sessions += 1
+            return CPU.session(model)
+
+    def matmul(scale: float) -> onnx.ModelProto:
+        w = numpy_helper.from_array(np.eye(8, 10, dtype=np.float32) * scale, "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    judge = Judge(matmul(1.0), CalibrationData("t", 64, {"x": x}), None, 0.01, 16)
+    counting = Counting()
+    judge.execution = counting
+    model = matmul(1.01)
+    err = judge.max_relative_error(model)
+    fid = judge(model)
+    assert counting.sessions == 1 and judge.max_relative_error(model) == err
+    assert err == pytest.approx(0.01 * np.abs(x).max() / max(1.0, np.abs(x).max()), rel=1e-5)
+    assert fid.value == judge(model).value
+    other = matmul(1.01)  # an equal model, another object: run again
+    assert judge.max_relative_error(other) == err and counting.sessions == 2
