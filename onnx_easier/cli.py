@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entropy: single activations in EASIER order (the paper); merge: groups whose removal "
                    "lets layers merge first; auto (default): both, keep the faster model")
     p.add_argument("--max-remove", type=int, metavar="K", help="linearize at most K activations")
+    p.add_argument("--try-all", action="store_true",
+                   help="also try candidates predicted to gain nothing (no layer, depth, MACs or elementwise work "
+                   "saved); by default they are skipped and listed in the report")
     p.add_argument("--no-refit", action="store_true",
                    help="do not re-fit merged layers by least squares to the original model's tensors")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
@@ -242,7 +245,7 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
     else:
         result = api.optimize(args.input, args.data, tolerance=args.tolerance, metric=args.metric,
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
-                              linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
+                              linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider, try_all=args.try_all,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
                               time_limit=args.time_limit or None, on_step=display, distill=args.distill,
                               distill_scope=args.distill_scope, distill_seconds=args.distill_seconds)
