@@ -245,7 +245,8 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
     else:
         result = api.optimize(args.input, args.data, tolerance=args.tolerance, metric=args.metric,
                               strategy=args.strategy, max_remove=args.max_remove, remove=args.remove,
-                              linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider, try_all=args.try_all,
+                              linearize_mode=args.linearize, refit=not args.no_refit, provider=args.provider,
+                              try_all=args.try_all,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
                               time_limit=args.time_limit or None, on_step=display, distill=args.distill,
                               distill_scope=args.distill_scope, distill_seconds=args.distill_seconds)
