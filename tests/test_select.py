@@ -419,3 +419,15 @@ def test_judge_measures_fidelity_and_max_error_in_one_run() -> None:
     assert fid.value == judge(model).value
     other = matmul(1.01)  # an equal model, another object: run again
     assert judge.max_relative_error(other) == err and counting.sessions == 2
+
+
+def test_the_written_file_holding_the_measured_model_is_not_run_again(setup, monkeypatch) -> None:
+    """Result.write reloads the file; when it holds the graph and weights measured on the held-out samples, those
+    figures stand (no session); a file that differs is run."""
+    r = optimize(setup["model"], setup["data"], tolerance=1.0, max_remove=1, strategy="entropy")
+    sessions = []
+    real = type(CPU).session
+    monkeypatch.setattr(type(CPU), "session", lambda self, *a, **k: sessions.append(1) or real(self, *a, **k))
+    figures = r.write(setup["dir"] / "out.onnx")
+    assert figures["ok"] and not sessions and "measured on the held-out samples" in figures["note"]
+    assert figures["value"] == r.report["fidelity"]["value"]
