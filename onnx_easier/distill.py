@@ -147,6 +147,30 @@ def _feeds(data: CalibrationData, batch: int) -> list[dict[str, np.ndarray]]:
                                                                                     data.samples >= batch)]
 
 
+class _Adam:
+    """Adam (Kingma & Ba) on a list of parameters, bias-corrected, the learning rate given per step. Written out
+    rather than ``torch.optim.Adam``, whose first use imports torch._dynamo (seconds, once per process)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.betas, self.eps, self.t = params, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+                p.grad = None
+
+
 class _Loss:
     """The distillation loss of one batch against fixed teacher outputs (module doc)."""
 
@@ -279,7 +303,7 @@ def distill(
     before = best = check_loss()
     best_values = student.values()
     initial = best_values
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    optimizer = _Adam(student.parameters())
     deadline = t0 + seconds
     done, stale, order, planned, next_eval = 0, 0, [], steps, min(WARMUP, steps)
     begin, fresh = 0, True  # the step the current schedule began at; no evaluation since
@@ -295,14 +319,11 @@ def distill(
         if mix and rng.uniform() < MIX_SHARE:
             feed = mixed(feed, fit_feeds[int(rng.integers(len(fit_feeds)))], float(rng.uniform()))
             target = targets(feed)
-        for group in optimizer.param_groups:  # cosine from lr to 0 over the planned steps
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (done - begin) / max(1, planned - begin)))
-        optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(student.run(feed, wanted), target, len(out_names))
         if not torch.isfinite(loss):
             break
         loss.backward()
-        optimizer.step()
+        optimizer.step(lr * 0.5 * (1 + math.cos(math.pi * (done - begin) / max(1, planned - begin))))  # cosine
         done += 1
         if done >= next_eval or done == planned:
             value = check_loss()
@@ -312,7 +333,7 @@ def distill(
                 # the first steps made it worse: too large a step for this model; start again, smaller
                 lr /= BACKOFF
                 student.load(initial)
-                optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+                optimizer = _Adam(student.parameters())
                 begin, stale, next_eval = done, 0, done + min(WARMUP, planned - done)
                 continue
             fresh = False
@@ -332,3 +353,52 @@ def distill(
     log.info("distillation: %d initializers, %d steps, check loss %.4g -> %.4g (%.1f s, %s)", len(names), done,
              before, best, seconds_used, device)
     return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut)
+
+
+RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
+RECOVER_MIN_SECONDS = 2.0  # no distillation starts with less time left than this
+RECOVER_FLOOR = 5.0  # seconds the default budget adds to the search's time so far
+RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
+
+
+class Recovery:
+    """Distillation inside the search: ``recover(model, loss)`` distils a candidate that the search is about to
+    reject for a fidelity ``loss`` over ``tolerance``, when the loss is within ``RECOVER_FACTOR`` of it (measured,
+    distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
+    distilled model (None: not tried, or no gain on the check samples). Time: ``seconds`` in all (None: at any moment
+    as long as the search has taken so far plus ``RECOVER_FLOOR``, so that the search with recovery costs about
+    twice the search without at most), at most ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
+
+    def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
+                 check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
+                 scope: str = "merged", seed: int = 0, device: str = "cpu") -> None:
+        self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
+        self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
+        self.scope, self.seed, self.device = scope, seed, device
+        self.started = time.perf_counter()
+        self.used = 0.0
+        self.records: list[DistillResult] = []
+
+    def left(self) -> float:
+        """Seconds of the budget left now."""
+        return max(0.0, self.budget() - self.used)
+
+    def budget(self) -> float:
+        """The whole budget now: ``seconds``, or the search's own time so far (distillation excluded) plus
+        ``RECOVER_FLOOR`` (so that the first candidates get a chance)."""
+        if self.seconds is not None:
+            return self.seconds
+        return time.perf_counter() - self.started - self.used + RECOVER_FLOOR
+
+    def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
+        if not loss <= RECOVER_FACTOR * self.tolerance:
+            return None
+        left = self.left()
+        if left < RECOVER_MIN_SECONDS:
+            return None
+        share = min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget()))
+        r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
+                    metric=self.metric, seconds=share, seed=self.seed, device=self.device)
+        self.used += r.seconds
+        self.records.append(r)
+        return None if r.model is model else r.model
