@@ -59,7 +59,7 @@ WARMUP = 5  # steps before the first evaluation, which also measures the pace
 EVALS = 10  # evaluations on the check samples over the planned steps
 PATIENCE = 4  # evaluations without a gain before stopping
 MIX_SHARE = 0.5  # share of the training batches whose float inputs are mixed with another batch's (mixup)
-CHECK_FEEDS = 4  # check batches on which torch execution is compared with ORT's before training
+CHECK_FEEDS = 2  # check batches on which torch execution is compared with ORT's before training
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
@@ -213,11 +213,14 @@ def distill(
     batch: int = BATCH,
     feature_weight: float = 0.0,
     mixup: bool = False,
+    teacher: dict | None = None,
 ) -> DistillResult:
     """``optimized`` with its ``trainable(optimized, baseline or original, scope)`` initializers trained to
     ``original``'s outputs on ``fit`` (early stopping on ``check``; module doc). ``metric``: the fidelity metric
     (None: fidelity.default_metric of the outputs); "agreement" trains by KL, the others by relative squared error.
-    Never raises for a graph it cannot run in torch: the result then has ``note`` and the input model."""
+    Never raises for a graph it cannot run in torch: the result then has ``note`` and the input model.
+    ``teacher``: a dict the caller keeps between calls with the same ``original``, data and seed: the original's
+    session and outputs are computed once and kept there."""
     t0 = time.perf_counter()
     names = trainable(optimized, baseline if baseline is not None else original, scope)
     fixed = batch_multiple(input_specs(optimized), fit)
@@ -259,7 +262,10 @@ def distill(
             log.info("no feature matching: %s", exc)
             features = []
 
-    session = make_session(original)
+    cache = teacher if teacher is not None else {}
+    if "session" not in cache:
+        cache["session"] = make_session(original)
+    session = cache["session"]
     out_names = [o.name for o in session.get_outputs()]
     first = [np.asarray(v) for v in session.run(out_names, fit_feeds[0])]
     effective = metric or default_metric([v.shape for v in first])
@@ -277,8 +283,11 @@ def distill(
                 ts += [t.detach() for t in teacher_graph.run(feed, features)]
         return ts
 
-    fit_targets = [targets(f) for f in fit_feeds]
-    check_targets = [targets(f) for f in check_feeds]
+    key = (b, tuple(features), classifier, device)
+    if ("fit", key) not in cache:
+        cache[("fit", key)] = [targets(f) for f in fit_feeds]
+        cache[("check", key)] = [targets(f) for f in check_feeds]
+    fit_targets, check_targets = cache[("fit", key)], cache[("check", key)]
     wanted = [*out_names, *features]
 
     def check_loss() -> float:
@@ -356,7 +365,7 @@ def distill(
 
 
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
-RECOVER_MIN_SECONDS = 2.0  # no distillation starts with less time left than this
+RECOVER_MIN_SECONDS = 4.0  # no distillation starts with less time left than this
 RECOVER_FLOOR = 5.0  # seconds the default budget adds to the search's time so far
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
 
@@ -378,6 +387,7 @@ class Recovery:
         self.started = time.perf_counter()
         self.used = 0.0
         self.records: list[DistillResult] = []
+        self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
 
     def left(self) -> float:
         """Seconds of the budget left now."""
@@ -398,7 +408,7 @@ class Recovery:
             return None
         share = min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget()))
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
-                    metric=self.metric, seconds=share, seed=self.seed, device=self.device)
+                    metric=self.metric, seconds=share, seed=self.seed, device=self.device, teacher=self.teacher)
         self.used += r.seconds
         self.records.append(r)
         return None if r.model is model else r.model

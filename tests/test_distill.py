@@ -19,7 +19,7 @@ from test_select import mlp
 
 from onnx_easier.cli import main
 from onnx_easier.data import CalibrationData
-from onnx_easier.distill import distill, trainable
+from onnx_easier.distill import Recovery, distill, trainable
 from onnx_easier.model_io import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,23 @@ def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
     student.graph.node[3].op_type = "Celu"  # ORT runs it, the torch executor does not
     r = distill(original, student, data(64), data(32, seed=4), seconds=5)
     assert r.model is student and r.steps == 0 and "Celu" in r.note
+
+
+def test_recovery_tries_close_candidates_within_its_budget() -> None:
+    """A loss far over the tolerance is not tried; a close one is distilled (the original's outputs computed once
+    for all candidates); no time left, nothing."""
+    original = mlp(bias1=1.0, hidden=32)
+    rec = Recovery(original, original, data(256), data(64, seed=4), tolerance=0.01, metric=None, seconds=20)
+    student = damaged(original, "w3")
+    assert rec(student, 0.5) is None and not rec.records
+    out = rec(student, 0.02)
+    assert out is not None and out is not student and len(rec.records) == 1
+    session = rec.teacher["session"]
+    rec(damaged(original, "w3", seed=6), 0.02)
+    assert rec.teacher["session"] is session and len(rec.records) == 2
+    assert 0 < rec.used <= 20 and rec.left() == pytest.approx(20 - rec.used)
+    rec.used = 19.0
+    assert rec(student, 0.02) is None and len(rec.records) == 2
 
 
 @pytest.fixture()
