@@ -652,8 +652,8 @@ class TorchGraph:
                 raise NotExecutable(f"{node.op} node {node.name!r} failed in torch: {exc}") from exc
             results = result if isinstance(result, tuple) else (result,)
             for name, value in zip(node.outputs, results):
-                if name:
-                    env[name] = value
+                if name:  # a Constant's value is made on the CPU
+                    env[name] = value if value.device == self.device else value.to(self.device)
             for name in free:
                 env.pop(name, None)
         return [env[n] for n in names]
