@@ -329,7 +329,7 @@ def distill(
             feed = mixed(feed, fit_feeds[int(rng.integers(len(fit_feeds)))], float(rng.uniform()))
             target = targets(feed)
         loss = loss_fn(student.run(feed, wanted), target, len(out_names))
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) or not loss.requires_grad:  # diverged, or no output depends on the weights
             break
         loss.backward()
         optimizer.step(lr * 0.5 * (1 + math.cos(math.pi * (done - begin) / max(1, planned - begin))))  # cosine
