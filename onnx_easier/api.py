@@ -448,6 +448,15 @@ def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *,
     return out, report, verifier
 
 
+def _first_equal(models: dict[str, onnx.ModelProto]) -> dict[str, str]:
+    """Each model's key -> the key of the first model (in order) with the same graph (select.same_graph), itself if
+    none: the exact fusions of a model they do not change, two strategies that linearized the same activations."""
+    first: dict[str, str] = {}
+    for k, m in models.items():
+        first[k] = next((j for j in first if first[j] == j and same_graph(models[j], m)), k)
+    return first
+
+
 def _passes(results: list) -> list[dict]:
     """The report's "passes": one entry per PassResult, in order."""
     return [{"name": r.name, "changed": r.changed, "notes": r.notes} for r in results]
@@ -578,9 +587,13 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     if big:
         lat, chosen = {}, "exact"  # the exact fusions never add MACs (cost-aware)
     else:
-        laps.say(f"measuring latency of {len(models)} models on {provider} (interleaved, "
+        same = _first_equal(models)  # a model with the graph of an earlier one is timed once, as that one
+        timed = [k for k in models if same[k] == k]
+        laps.say(f"measuring latency of {len(timed)} models on {provider} (interleaved, "
                  f"{'thread CPU' if provider == 'cpu' else 'wall'} time)")
-        lat = measure_latency(models, feeds, provider=provider, reference="original", margin=NOISE_MARGIN)
+        lat = measure_latency({k: models[k] for k in timed}, feeds, provider=provider, reference="original",
+                              margin=NOISE_MARGIN)
+        lat = {k: lat[same[k]] for k in models}
         chosen = _choose(models, lat, {f"search:{r.strategy}": len(r.linearized) for r in results},
                          lambda k: measure(models[k], 0, shapes).macs,
                          {f"search:{r.strategy}": r.fidelity.value for r in results if r.fidelity is not None})

@@ -313,3 +313,20 @@ def test_no_progress_when_not_a_terminal(files) -> None:
     assert proc.returncode == 0, proc.stderr
     for word in ("trial", "search", "calibrat", "latency of", "left", "\x1b["):
         assert word not in proc.stderr, proc.stderr
+
+
+def test_identical_models_are_timed_once(files, monkeypatch) -> None:
+    """The exact fusions of a model they do not change are the input's graph: latency times it once, and the
+    report gives both the same figures."""
+    from onnx_easier import api
+
+    timed: list[list[str]] = []
+    real = api.measure_latency
+    monkeypatch.setattr(api, "measure_latency", lambda models, *a, **k: timed.append(list(models)) or real(models, *a, **k))
+    r = api.optimize(files["model"], files["data"], max_remove=0, tolerance=0.5)
+    assert r.report["passes"] and not any(p["changed"] for p in r.report["passes"])
+    assert timed == [] and r.report["latency_ms"]["after"] is None  # max_remove 0 and nothing fuses: no timing
+    r = api.optimize(files["model"], files["data"], tolerance=0.5, strategy="entropy", max_remove=1)
+    assert timed and "exact" not in timed[-1] and "original" in timed[-1]
+    lat = r.report["latency_ms"]["candidates"]
+    assert lat["exact"] == lat["original"]
