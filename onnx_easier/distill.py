@@ -374,7 +374,7 @@ class Recovery:
     """Distillation inside the search: ``recover(model, loss)`` distils a candidate that the search is about to
     reject for a fidelity ``loss`` over ``tolerance``, when the loss is within ``RECOVER_FACTOR`` of it (measured,
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
-    distilled model (None: not tried, or no gain on the check samples). Time: ``seconds`` in all (None: at any moment
+    distilled model (``model`` itself when the check samples showed no gain; None when not tried). Time: ``seconds`` in all (None: at any moment
     as long as the search has taken so far, so that the search with recovery costs about twice the search without
     at most; a candidate tried early may find no time yet), at most ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
 
@@ -410,4 +410,4 @@ class Recovery:
                     metric=self.metric, seconds=share, seed=self.seed, device=self.device, teacher=self.teacher)
         self.used += r.seconds
         self.records.append(r)
-        return None if r.model is model else r.model
+        return r.model
