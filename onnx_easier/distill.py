@@ -374,9 +374,11 @@ class Recovery:
     """Distillation inside the search: ``recover(model, loss)`` distils a candidate that the search is about to
     reject for a fidelity ``loss`` over ``tolerance``, when the loss is within ``RECOVER_FACTOR`` of it (measured,
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
-    distilled model (``model`` itself when the check samples showed no gain; None when not tried). Time: ``seconds`` in all (None: at any moment
-    as long as the search has taken so far, so that the search with recovery costs about twice the search without
-    at most; a candidate tried early may find no time yet), at most ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
+    distilled model (``model`` itself when the check samples showed no gain; None when not tried).
+
+    Time: ``seconds`` in all (None: at any moment as long as the search has taken so far, so that the search with
+    recovery costs about twice the search without at most; a candidate tried early may find no time yet), at most
+    ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
 
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
