@@ -145,13 +145,14 @@ class Fidelity:
 
     @property
     def accepted(self) -> bool:
-        """What the search keeps: the upper bound within the effective tolerance (``ok`` when no bound)."""
-        if self.early:
+        """What the search keeps: the loss within the tolerance (``ok``) and its upper bound within the effective
+        tolerance (what the samples can vouch for: never below the tolerance itself)."""
+        if self.early or not self.ok:
             return False
         if self.upper is None:
-            return self.ok
+            return True
         limit = self.tolerance if self.effective_tolerance is None else self.effective_tolerance
-        return math.isfinite(self.value) and math.isfinite(self.upper) and self.upper <= limit
+        return math.isfinite(self.upper) and self.upper <= limit
 
     def training_data_warning(self) -> str | None:
         """The training-data warning for the reference confidence seen while measuring (None when none)."""

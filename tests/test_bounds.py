@@ -110,3 +110,22 @@ def test_judge_accepts_on_the_bound_and_rejects_early() -> None:
     full = judge(_classifier(3.0))
     assert full.samples == 1024 and not full.early and not full.accepted
     assert math.isfinite(full.upper) and full.upper >= full.value
+
+
+def test_small_holdout_states_an_effective_tolerance_and_keeps_the_point_rule() -> None:
+    """16 held-out samples cannot vouch for 0.01: the bound is held to the resolution, the point loss still to the
+    tolerance, so a KL loss of 0.034 is rejected although its bound is within the effective tolerance."""
+    x = np.random.default_rng(5).standard_normal((16, 8)).astype(np.float32)
+    judge = Judge(_classifier(1.0), CalibrationData("mem", 16, {"x": x}), None, 0.01, 16)
+    assert judge.effective_tolerance == pytest.approx(binomial_upper(0, 16, 0.9)) and judge.effective_tolerance > 0.1
+    assert "effective tolerance" in judge.warning
+    assert judge(_classifier(1.0)).accepted
+    ref, _ = _logits(16, 0, 0.0)
+    acc = FidelityAccumulator("agreement", 0.01)
+    acc.update([ref], [ref * 0.6])  # softer logits: no flip, KL loss 0.034 > 0.01
+    fid = acc.result()
+    fid.upper, fid.effective_tolerance = acc.bounds()[1], judge.effective_tolerance
+    assert fid.components["flip_loss"] == 0 and fid.value > 0.01
+    assert fid.upper <= judge.effective_tolerance and not fid.accepted  # the bound alone would accept it
+    fid.value = 0.0  # the same bound with a loss within the tolerance: accepted
+    assert fid.accepted
