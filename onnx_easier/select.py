@@ -3,15 +3,18 @@
 Pipeline of one search (``search``), starting from the exact-fused original ``M_0``:
 
     for each candidate C in order (single activations by entropy; or groups whose joint linearization lets a
-    chain collapse into a cheaper layer, ranked by entropy and MACs saved):
+    chain collapse into a cheaper layer, ranked by predicted gain per expected loss; candidates whose gain,
+    predicted from the graph alone (gain.py), is nothing are skipped and reported):
         M' = fuse(linearize(M_k, C, affine fits from M_k's own statistics))
              (if an affine map would stay as a node of its own, i.e. M' has more nodes, compute nodes or MACs than
              with the identity, the identity is used: it never adds a node, and the re-fit absorbs a and b)
         M' = re-fit the layers downstream of C (and those ending the other branch of a residual Add that C's
              output reaches), then the output layers, to the ORIGINAL model's tensors (least squares with the
              ridge chosen on the check samples; a classifier head also by softmax KL)
-        loss = fidelity(original, M') on held-out samples (disjoint from the fit samples)
-        keep M_{k+1} = M' if loss <= tolerance (and re-calibrate the statistics the affine fits need), else undo;
+        loss = fidelity(original, M') on held-out samples (disjoint from the fit samples), read in order and
+               stopped early once its lower confidence bound is above the tolerance (Judge)
+        keep M_{k+1} = M' if loss <= tolerance and its upper confidence bound <= the effective tolerance (and
+        re-calibrate the statistics the affine fits need, downstream of the change only), else undo;
         one failure does not end the search; ``max_remove`` caps the count.
 
 Data split: the last ``holdout`` samples measure fidelity and are never used to fit anything; of the others, the
