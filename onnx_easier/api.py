@@ -77,6 +77,8 @@ GUARD_SAMPLES = 8  # samples of the batch the fail-safe checks of every rewrite 
 BOUND_METHOD = ("one-sided upper bound at the stated confidence: agreement = max(Clopper-Pearson bound on the flip "
                 "rate, 0.11 * sqrt(bootstrap bound on the mean KL)); rel-l2 and cosine: percentile bootstrap over "
                 "the held-out samples; a candidate is accepted when it is within the effective tolerance")
+BIG_NOTE = ("the model's weights are over 2 GB: only the exact fusions are made and latency is not measured (each "
+            "search trial and each timed session would hold another copy of the weights)")
 NOISE_MARGIN = 0.03  # a result measuring at most 3% slower than the input counts as not slower (timing noise)
 
 
@@ -399,12 +401,13 @@ def _checked_fusion(analysis: Analysis, checks: CheckData,
 
 def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *, tolerance: float,
                metric: str | None, strategy: str, max_remove: int | None, mode: str, refit: bool, provider: str,
-               deadline: float | None, execution: Execution) -> tuple[onnx.ModelProto, dict, Callable] | None:
+               deadline: float | None, execution: Execution,
+               note: str | None = None) -> tuple[onnx.ModelProto, dict, Callable] | None:
     """An exact-only run (no search follows) on a model that no fusion pass changes: the input is written as it
     is, after the cheap checks every written model passes (full checker, strict shape inference). Nothing else is
     measured: the same graph computes the same outputs (fidelity 0, no run) as fast (latency not measured), and the
     written file is verified by comparing it with the input. None when a pass changes the graph (or the input fails
-    the checks): the full path runs."""
+    the checks): the full path runs. ``note``: a warning for the report (and the log)."""
     fused, fusion = pre
     if not same_graph(fused, analysis.model):
         return None
@@ -424,7 +427,9 @@ def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *,
     report["after"] = analysis.before.as_report()
     report["fidelity"] = {"metric": metric or default_metric(shapes), "value": 0.0, "tolerance": tolerance,
                           "samples": 0, "ok": True, "components": {}, "note": note}
-    report["warnings"] = []
+    report["warnings"] = [note] if note else []
+    if note:
+        log.warning("%s", note)
     batch = run_batch(analysis.model, analysis.data, 1)
     report["latency_ms"] = {**latency_report({}, "exact", "original", provider, batch, NOISE_MARGIN), "note": note}
     report["search"] = {}
@@ -533,15 +538,16 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                  laps: Laps,
                  deadline: float | None = None, execution: Execution = CPU, distill_scope: str | None = None,
                  distill_seconds: float | None = None, try_all: bool = False) -> tuple[onnx.ModelProto, dict, Callable]:
+    big = external_dir(analysis.model) is not None
     pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
-    if not (tolerance > 0 and analysis.activations and max_remove != 0):
+    if not (tolerance > 0 and analysis.activations and max_remove != 0 and not big):
         try:
             pre = fuse_model(analysis.model, analysis.model, kept_nodes(analysis.activations))
         except Exception:  # noqa: BLE001 - a pass that crashes: the checked fusion below finds it and rolls it back
             pre = None
         unchanged = pre and _unchanged(analysis, pre, tolerance=tolerance, metric=metric, strategy=strategy,
                                        max_remove=max_remove, mode=mode, refit=refit, provider=provider,
-                                       deadline=deadline, execution=execution)
+                                       deadline=deadline, execution=execution, note=BIG_NOTE if big else None)
         if unchanged:
             return unchanged
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
@@ -559,11 +565,9 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                     max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
-    big = external_dir(analysis.model) is not None
     big_note = None
     if big:
-        big_note = ("the model's weights are over 2 GB: only the exact fusions are made and latency is not measured "
-                    "(each search trial and each timed session would hold another copy of the weights)")
+        big_note = BIG_NOTE
         log.warning("%s", big_note)
     if tolerance > 0 and analysis.activations and max_remove != 0 and not big:
         laps.start("search")
