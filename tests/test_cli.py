@@ -330,3 +330,29 @@ def test_identical_models_are_timed_once(files, monkeypatch) -> None:
     assert timed and "exact" not in timed[-1] and "original" in timed[-1]
     lat = r.report["latency_ms"]["candidates"]
     assert lat["exact"] == lat["original"]
+
+
+def test_exact_mode_on_a_graph_no_pass_changes_runs_nothing_more(files, monkeypatch, capsys) -> None:
+    """``--tolerance 0`` where nothing fuses (conv -> relu -> conv -> clip -> flatten -> gemm): after calibration
+    only the cheap checks; no held-out comparison, no latency, and the file read back is compared with the input."""
+    from onnx_easier import api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("not needed when no pass changed the graph")
+
+    monkeypatch.setattr(api, "Judge", refuse)
+    monkeypatch.setattr(api, "measure_latency", refuse)
+    monkeypatch.setattr(api, "check_data", refuse)
+    out, rep = files["dir"] / "o.onnx", files["dir"] / "r.json"
+    assert main([str(files["model"]), str(out), "--data", str(files["data"]), "--tolerance", "0", "--report",
+                 str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["verification"]["ok"] and report["verification"]["metric"] == "identical"
+    assert report["latency_ms"]["before"] is None and "no change" in report["latency_ms"]["note"]
+    assert "no change" in report["exactness"]["note"] and report["after"] == report["before"]
+    written, original = onnx.load(str(out)), onnx.load(str(files["model"]))
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]
+    x = np.load(files["data"])["x"][:4]
+    np.testing.assert_array_equal(make_session(written).run(None, {"x": x})[0],
+                                  make_session(original).run(None, {"x": x})[0])
+    assert "exact fusions: not measured: no change" in capsys.readouterr().out
