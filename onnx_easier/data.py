@@ -40,13 +40,13 @@ import onnx
 from onnx import helper
 
 from onnx_easier.errors import BadArgumentError, BadDataError, UnsupportedModelError
+from onnx_easier.model_io import weightless
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RANDOM_SAMPLES = 64
 BATCH_BYTES = 16 * 2**20
 RUN_BYTES = 128 * 2**20  # tensors alive in one ORT run (activation_bytes per sample): sets the batch size
-_SMALL_INITIALIZER = 64  # elements: initializers up to this size keep their values in activation_bytes' copy
 MAX_BATCH = 256
 _RANDOM_INT_HIGH = 10  # random integer inputs are drawn from [0, 10)
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -244,26 +244,14 @@ def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
     holds only the small initializers (the large ones become typed inputs: no copy of the weights); tensors of
     unknown size count as nothing, so this is a lower bound where inference stops. 0 when inference fails."""
     g = model.graph
-    light = onnx.ModelProto()
-    light.ir_version, light.producer_name = model.ir_version, model.producer_name
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(g.node)
-    light.graph.output.extend(g.output)
-    weights: set[str] = set()
-    for vi in g.input:
-        copy = light.graph.input.add()
-        copy.CopyFrom(vi)
-        if vi.name in shapes and copy.type.HasField("tensor_type"):
-            copy.type.tensor_type.shape.Clear()
+    light = weightless(model)
+    del light.graph.value_info[:]
+    for vi in light.graph.input:
+        if vi.name in shapes and vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.shape.Clear()
             for d in shapes[vi.name]:
-                copy.type.tensor_type.shape.dim.add().dim_value = int(d)
-    declared = {vi.name for vi in g.input}
-    for t in g.initializer:
-        weights.add(t.name)
-        if math.prod(t.dims) <= _SMALL_INITIALIZER:  # shape operands (Reshape, Slice) stay values
-            light.graph.initializer.append(t)
-        elif t.name not in declared:
-            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+    weights = {t.name for t in g.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # noqa: BLE001 - an estimate: the model was validated on load

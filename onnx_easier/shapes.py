@@ -35,7 +35,7 @@ from onnx import helper
 
 from onnx_easier.data import InputSpec, input_specs
 from onnx_easier.errors import OnnxEasierError
-from onnx_easier.model_io import inline_bytes, make_session, tensor_bytes
+from onnx_easier.model_io import inline_bytes, make_session, tensor_bytes, weightless
 
 _LOG = logging.getLogger(__name__)
 MAX_BYTES = 256 * 2**20  # models larger than this (weights on disk included) are not run for their shapes
@@ -150,7 +150,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Type of every main-graph tensor ONNX shape inference knows (inputs, value_info, outputs); {} entries are
     missing where inference fails."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model))
     except (onnx.shape_inference.InferenceError, ValueError) as exc:  # unknown ops, models over 2 GB
         _LOG.debug("shape inference failed (%s); exposed tensors get no type", exc)
         inferred = model
@@ -195,7 +195,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         _LOG.warning("shape inference skipped: the model is over 2 GB; channel counts may be unknown")
         return model
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), check_type=False, strict_mode=False,
+                                                     data_prop=True)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         del out.graph.value_info[:]

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_easier.errors import InvalidModelError, UnsupportedModelError
 from onnx_easier.execution import CPU
-from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model
+from onnx_easier.model_io import load_model, make_session, save_model, to_graph, to_model, weightless
 
 
 def _matmul_model(weight_as: str) -> onnx.ModelProto:
@@ -118,3 +118,22 @@ def test_unsorted_graph_is_sorted_on_load(tmp_path: Path) -> None:
     onnx.save(helper.make_model(cyc, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "cycle.onnx")
     with pytest.raises(InvalidModelError, match="topologically sorted"):
         load_model(tmp_path / "cycle.onnx")
+
+
+def test_weightless_keeps_shape_operands_and_types_the_weights() -> None:
+    """Shape inference on the weightless copy gives the shapes it gives on the model (a Reshape's shape operand
+    keeps its values; the weight becomes a typed input), without copying the weight."""
+    w = numpy_helper.from_array(np.ones((8, 12), np.float32), "W")
+    shape = numpy_helper.from_array(np.array([0, 4, 3], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, shape])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    light = weightless(model)
+    assert [t.name for t in light.graph.initializer] == ["shape"] and [i.name for i in light.graph.input] == ["x", "W"]
+
+    def shapes(m: onnx.ModelProto) -> dict:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        return {v.name: str(v.type) for v in [*inferred.graph.value_info, *inferred.graph.output]}
+
+    assert shapes(light) == shapes(model) and "dim_value: 3" in shapes(light)["y"]

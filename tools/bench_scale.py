@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def export(name: str, exporter: str, path: Path, vit_layers: int) -> None:
     model = build(name, vit_layers)
     x = torch.randn(2, 3, SIZE, SIZE)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         if exporter == "ts":
             torch.onnx.export(model, (x,), str(tmp), opset_version=17, dynamo=False, input_names=["x"],
                               output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
