@@ -22,6 +22,7 @@ import onnx
 from onnx import shape_inference
 
 from onnx_easier.data import common_batch, input_specs
+from onnx_easier.model_io import weightless
 from onnx_easier.shapes import fill_unknown
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -77,14 +78,17 @@ def with_static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
             if d.HasField("dim_value") and d.dim_value < 0:
                 d.ClearField("dim_value")
     del m.graph.value_info[:]
-    try:
-        inferred = shape_inference.infer_shapes(m, data_prop=True)
+    try:  # inferred without the weights (model_io.weightless): the same shapes, no serialised copy of them
+        light = shape_inference.infer_shapes(weightless(m), data_prop=True)
     except Exception:  # noqa: BLE001 - best effort for cost figures; the model itself was validated on load
         return m
+    m.graph.value_info.extend(light.graph.value_info)
+    del m.graph.output[:]
+    m.graph.output.extend(light.graph.output)
     # sizes inference leaves unknown (ops without inference, Shape arithmetic it cannot follow): from ORT, which
     # can run the model once every input dim is concrete
-    fill_unknown(inferred, dims=True)
-    return inferred
+    fill_unknown(m, dims=True)
+    return m
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
