@@ -565,15 +565,20 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                     max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
+    not_run: dict[str, str] = {}  # strategies auto did not run, and why
     big_note = None
     if big:
         big_note = BIG_NOTE
         log.warning("%s", big_note)
     if tolerance > 0 and analysis.activations and max_remove != 0 and not big:
         laps.start("search")
-        for s in (("entropy", "merge") if strategy == "auto" else (strategy,)):
+        for s in (("merge", "entropy") if strategy == "auto" else (strategy,)):
             if deadline is not None and time.perf_counter() >= deadline:
                 skipped.append(s)
+                continue
+            if strategy == "auto" and s == "entropy" and results and not search.has_groups():
+                not_run["entropy"] = ("no group of several activations merges layers: the merge search tried the "
+                                      "same candidates, ordered by predicted gain per expected loss")
                 continue
             results.append(search.run(s))
 
@@ -631,7 +636,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     report["mode"] = "tolerance"
     report["linearize"] = mode
     report["strategy"] = {"requested": strategy, "chosen": result.strategy if result else chosen,
-                          "refit": refit, "max_remove": max_remove}
+                          "refit": refit, "max_remove": max_remove, **({"not_run": not_run} if not_run else {})}
     n_after = len(analysis.activations) - len(linearized)
     report["after"] = measure(out, n_after, shapes).as_report()
     report["fidelity"] = {**fidelity.as_report(), "tolerance": tolerance,

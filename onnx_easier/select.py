@@ -22,8 +22,9 @@ last fifth decides whether each re-fit is kept and the rest fit (affine statisti
 
 Strategies: ``entropy`` = single activations in EASIER order (the paper); ``merge`` = groups first (both
 activations of an inverted-residual block, the GELU of an FFN: whatever lets fusion remove MACs), then the
-remaining singles; ``auto`` (default) runs both, and api.optimize keeps the faster result (measured latency; of
-two as fast, the shallower).
+remaining singles; ``auto`` (default) runs ``merge``, then ``entropy`` when some merge group holds several
+activations (otherwise ``entropy`` would try the same candidates in another order), and api.optimize keeps the
+faster result (measured latency; of two as fast, the shallower).
 """
 from __future__ import annotations
 
@@ -557,6 +558,7 @@ class Search:
         self._gain_model: GainModel | None = None
         self._gains: dict[tuple[str, ...], Gain] = {}
         self.skipped: list[tuple[list[str], str]] = []
+        self._multi: bool | None = None  # has_groups, once ordered() has run
 
     def macs(self, model: onnx.ModelProto) -> int:
         return measure(model, 0, self.input_shapes).macs
@@ -570,6 +572,13 @@ class Search:
             self._gains[key] = self._gain_model.predict(group, kept_nodes(self.activations, group))
         return self._gains[key]
 
+    def has_groups(self) -> bool:
+        """Whether a merge candidate holds several activations (only then do the two strategies try different
+        candidates; without, ``merge`` reorders ``entropy``'s singles by predicted gain per expected loss)."""
+        if self._multi is None:
+            self.ordered("merge")
+        return bool(self._multi)
+
     def ordered(self, strategy: str) -> list[Candidate]:
         """The candidates of ``strategy`` in the order they are tried; those that cannot gain anything go to
         ``self.skipped`` (unless ``try_all``). ``entropy``: single activations by entropy (the paper's order);
@@ -579,6 +588,7 @@ class Search:
         singles = [Candidate((a,), self.entropy[a.name], 0, self.gain((a,))) for a in self.activations]
         singles.sort(key=lambda c: c.entropy)  # stable: ties keep graph order
         groups = merge_candidates(self.exact, self.activations, self.entropy, self.gain)
+        self._multi = any(len(c.acts) > 1 for c in groups)
         needed = {n for c in groups for n in c.names}
         useful = [c for c in singles if self.try_all or c.gain.any or c.names[0] in needed]
         self.skipped = [(c.names, c.gain.reason()) for c in singles if c not in useful]

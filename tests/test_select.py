@@ -298,21 +298,19 @@ def test_choose_prefers_shallowest_among_equally_fast() -> None:
     assert _choose(models, lat, two, same, {"search:entropy": 0.004, "search:merge": 0.006}) == "search:entropy"
 
 
-def test_trials_are_reused_across_strategies(tmp_path: Path) -> None:
-    """A model whose merge strategy has no group to try repeats the entropy strategy's trials: they are reused
-    (same state, same candidate), with the same figures."""
+def test_auto_runs_one_search_when_no_group_holds_several_activations(tmp_path: Path) -> None:
+    """A model whose merge candidates are single activations: ``entropy`` would try the same candidates in
+    another order, so ``auto`` runs ``merge`` alone and says why the other did not run."""
     m = residual_mlp()
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(1).standard_normal((400, 16)).astype(np.float32))
-    r = optimize(m, data, tolerance=0.05, strategy="auto")
-    ent, mer = r.report["search"]["entropy"]["trials"], r.report["search"]["merge"]["trials"]
-    reused = [t for t in mer if "reused" in t.get("note", "")]
-    assert reused, mer
-    first = {tuple(t["activations"]): t for t in ent}
-    for t in reused:
-        twin = first[tuple(t["activations"])]
-        assert (t["fidelity"], t["accepted"], t["macs"]) == (twin["fidelity"], twin["accepted"], twin["macs"])
-    assert not any("reused" in t.get("note", "") for t in ent)
+    r = optimize(m, data, tolerance=0.05, strategy="auto", try_all=True)
+    assert list(r.report["search"]) == ["merge"]
+    assert "no group of several activations" in r.report["strategy"]["not_run"]["entropy"]
+    assert r.report["search"]["merge"]["trials"]
+    both = optimize(m, data, tolerance=0.05, strategy="entropy", try_all=True)
+    assert sorted(map(tuple, (t["activations"] for t in both.report["search"]["entropy"]["trials"]))) == \
+        sorted(map(tuple, (t["activations"] for t in r.report["search"]["merge"]["trials"])))
 
 
 def test_downstream_layers_include_the_other_branch_of_a_residual_add() -> None:
