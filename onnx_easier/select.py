@@ -555,7 +555,7 @@ class Search:
         self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
         self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
         self._state_models: dict[tuple, onnx.ModelProto] = {}  # the model of each state whose stats are memoized
-        self._gain_model: GainModel | None = None
+        self._gain_model: GainModel | bool | None = None  # False: the prediction could not be set up
         self._gains: dict[tuple[str, ...], Gain] = {}
         self.skipped: list[tuple[list[str], str]] = []
         self._multi: bool | None = None  # has_groups, once ordered() has run
@@ -568,8 +568,13 @@ class Search:
         key = tuple(a.name for a in group)
         if key not in self._gains:
             if self._gain_model is None:
-                self._gain_model = GainModel(self.exact, self.activations, self.input_shapes)
-            self._gains[key] = self._gain_model.predict(group, kept_nodes(self.activations, group))
+                try:
+                    self._gain_model = GainModel(self.exact, self.activations, self.input_shapes)
+                except Exception as exc:  # noqa: BLE001 - no prediction: every candidate is tried, as before
+                    log.warning("no gain prediction (%s): every candidate is tried", exc)
+                    self._gain_model = False
+            self._gains[key] = (Gain(known=False) if self._gain_model is False
+                                else self._gain_model.predict(group, kept_nodes(self.activations, group)))
         return self._gains[key]
 
     def has_groups(self) -> bool:

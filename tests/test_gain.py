@@ -118,3 +118,17 @@ def test_search_skips_no_gain_candidates_and_reports_them(tmp_path) -> None:
     assert all("no predicted gain" in s["reason"] for r in res.report["search"].values() for s in r["skipped"])
     tried = optimize(model, {"x": x}, try_all=True)
     assert tried.report["trials"] > 0
+
+
+def test_a_failing_prediction_tries_every_candidate(monkeypatch) -> None:
+    """If the gain model cannot be built, nothing is skipped (the search runs as without prediction)."""
+    import onnx_easier.select as select
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no shapes")
+
+    monkeypatch.setattr(select, "GainModel", broken)
+    x = np.random.default_rng(0).standard_normal((64, 8, 8, 8)).astype(np.float32)
+    res = optimize(basic_block(), {"x": x})
+    assert res.report["trials"] > 0
+    assert not any(r["skipped"] for r in res.report["search"].values())
