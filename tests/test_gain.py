@@ -122,7 +122,7 @@ def test_search_skips_no_gain_candidates_and_reports_them(tmp_path) -> None:
 
 def test_a_failing_prediction_tries_every_candidate(monkeypatch) -> None:
     """If the gain model cannot be built, nothing is skipped (the search runs as without prediction)."""
-    import onnx_easier.select as select
+    from onnx_easier import select
 
     def broken(*args, **kwargs):
         raise RuntimeError("no shapes")
