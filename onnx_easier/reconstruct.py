@@ -293,8 +293,10 @@ def refit_layers(
     original_names = {o for n in targets.original.graph.node for o in n.output}
     records: list[RefitRecord] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}
+    # recognising a layer needs the ranks of its tensors: inferred once; re-fits write into this graph, and
+    # ``model`` is exported from it after each one (the next layer's inputs come from the model re-fitted so far)
+    graph = to_graph(infer_shapes(model)) if nodes else None
     for name in sorted(set(nodes), key=lambda n: order.get(n, 1 << 30)):
-        graph = to_graph(infer_shapes(model))  # recognising a layer needs the ranks of its tensors
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None:
             continue
