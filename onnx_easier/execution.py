@@ -10,13 +10,13 @@ Sessions on the run's provider:
 
 - *work sessions* (``Execution.session``): calibration (calibrate.py), the fidelity runs of the search and the
   exactness checks against the original (select.Judge, api.max_relative_error), the runs that collect a re-fit's
-  layer inputs and the original's targets (reconstruct.py). They run without ORT's CPU memory arena, so each
-  run's memory goes back when it ends (model_io.make_session). On CUDA they run with TF32 off (``use_tf32=0``; ORT
-  enables it by default on Ampere and later GPUs, where it rounds the inputs of Conv and MatMul to 10 mantissa
-  bits, about 1e-3 relative: fusions could not be checked exact to 1e-4, and fidelity would measure TF32 rather
-  than the linearization) and with cuDNN's heuristic choice of convolution algorithm (ORT's default benchmarks
-  every convolution in each new session, and every trial makes new sessions). An exactness check compares a
-  model against the original run through the same ``Execution``;
+  layer inputs and the original's targets (reconstruct.py). They run lean (model_io.make_session): without ORT's
+  CPU memory arena, so each run's memory goes back when it ends, and without pre-packed weight copies. On CUDA
+  they run with TF32 off (``use_tf32=0``; ORT enables it by default on Ampere and later GPUs, where it rounds the
+  inputs of Conv and MatMul to 10 mantissa bits, about 1e-3 relative: fusions could not be checked exact to 1e-4,
+  and fidelity would measure TF32 rather than the linearization) and with cuDNN's heuristic choice of convolution
+  algorithm (ORT's default benchmarks every convolution in each new session, and every trial makes new
+  sessions). An exactness check compares a model against the original run through the same ``Execution``;
 - *timed sessions* (``Execution.session(..., timed=True)``, latency.py): ORT's defaults, as a model is deployed
   (TF32 and the exhaustive algorithm search included).
 
@@ -70,7 +70,7 @@ class Execution:
     def session(self, model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = False, threads: int = 0,
                 timed: bool = False) -> ort.InferenceSession:
         """``model_io.make_session`` on this provider; BadArgumentError when ORT did not start it."""
-        sess = make_session(model, optimize=optimize, providers=self.providers(timed), threads=threads, arena=timed)
+        sess = make_session(model, optimize=optimize, providers=self.providers(timed), threads=threads, lean=not timed)
         used = sess.get_providers()
         if used[0] != self.name:  # ORT falls back to CPU with a warning when CUDA fails to load
             raise BadArgumentError(

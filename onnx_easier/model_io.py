@@ -589,16 +589,20 @@ def make_session(
     optimize: bool = False,
     providers: list[str | tuple[str, dict[str, str]]] | None = None,
     threads: int = 0,
-    arena: bool = False,
+    lean: bool = True,
 ) -> ort.InferenceSession:
     """An ORT session with logging at errors only. ``optimize=False`` keeps every tensor name (no fusions).
 
-    ``arena=False`` (work sessions): no CPU memory arena, so the memory of a run goes back as soon as the run ends
+    ``lean=True`` (work sessions): no CPU memory arena, so the memory of a run goes back as soon as the run ends
     (an arena keeps the largest run's tensors for the session's life: 700 MB for ResNet-50 at batch 32, against a
-    400 MB peak without, at the same CPU time). Timed sessions keep ORT's default (``arena=True``), as deployed."""
+    400 MB peak without, at the same CPU time), and no pre-packed copy of the MatMul/Gemm weights (ConvNeXt-T:
+    a session holds 122 MB instead of 211 MB, at the same CPU time within 2%). ``lean=False``: ORT's defaults, as a
+    model is deployed (timed sessions)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.enable_cpu_mem_arena = arena
+    so.enable_cpu_mem_arena = not lean
+    if lean:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -606,7 +610,8 @@ def make_session(
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     if isinstance(model, onnx.ModelProto) and has_external_data(model):
-        so.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight otherwise
+        if not lean:
+            so.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight otherwise
         with on_disk(model) as where:
             return _session(where, so, providers)
     if isinstance(model, onnx.ModelProto) and inline_bytes(model) >= _TWO_GB:

@@ -213,6 +213,10 @@ class Targets:
         self._session: tuple[str, ort.InferenceSession] | None = None  # the last tensor's cut model
         self.computed = 0  # batches run through ORT (for tests and profiling)
 
+    def release(self) -> None:
+        """Free the session of the last tensor's cut model (the batches computed stay cached)."""
+        self._session = None
+
     def _session_for(self, name: str) -> ort.InferenceSession:
         if self._session is None or self._session[0] != name:
             self._session = (name, self.execution.session(upstream(self.original, [name])))
@@ -320,6 +324,8 @@ def refit_layers(
         except RefitTooLarge as exc:
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
             continue
+        finally:
+            del session, fit_pairs, check_pairs  # this layer's session is freed before the next one is made
         seconds = time.perf_counter() - t0
         note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""
         records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),
@@ -333,6 +339,7 @@ def refit_layers(
         if head:
             model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, *rows, res.ridge)
             records.append(record)
+    targets.release()
     return model, records
 
 

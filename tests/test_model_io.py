@@ -48,13 +48,22 @@ def test_overridable_initializer_survives_round_trip() -> None:
     np.testing.assert_allclose(s.run(None, {"x": x, "W": np.zeros((2, 3), np.float32)})[0], 0)
 
 
-def test_work_sessions_run_without_the_memory_arena() -> None:
-    """Work sessions give a run's memory back when it ends (no CPU arena); timed ones keep ORT's default."""
+def test_work_sessions_are_lean() -> None:
+    """Work sessions give a run's memory back when it ends (no CPU arena) and hold no pre-packed weights; timed
+    ones keep ORT's defaults."""
     model = _matmul_model("initializer")
-    assert not make_session(model).get_session_options().enable_cpu_mem_arena
-    assert make_session(model, arena=True).get_session_options().enable_cpu_mem_arena
-    assert not CPU.session(model).get_session_options().enable_cpu_mem_arena
-    assert CPU.session(model, timed=True).get_session_options().enable_cpu_mem_arena
+
+    def lean(session: object) -> bool:
+        options = session.get_session_options()
+        try:
+            packed = options.get_session_config_entry("session.disable_prepacking") != "1"
+        except RuntimeError:  # not set: ORT's default
+            packed = True
+        assert options.enable_cpu_mem_arena == packed
+        return not packed
+
+    assert lean(make_session(model)) and not lean(make_session(model, lean=False))
+    assert lean(CPU.session(model)) and not lean(CPU.session(model, timed=True))
 
 
 def test_save_is_atomic_and_leaves_no_temporaries(tmp_path: Path) -> None:
