@@ -11,6 +11,7 @@ Pipelines, written out:
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -249,6 +250,8 @@ def _analyze(model: str | os.PathLike | onnx.ModelProto, data: DataSource, *, sa
     ensure_node_names(graph)
     named = to_model(graph, proto)
     acts = find_activations(to_graph(infer_shapes(named)))
+    del proto, graph
+    gc.collect()  # gs graphs are reference cycles holding model copies: freed before calibration, not after
     if not acts:
         execution.session(named)  # calibration would not run ORT: check here that ORT can run the model at all
     if data is None or isinstance(data, (str, os.PathLike)):
@@ -592,6 +595,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     rtol = checks.rtol
     exact_model, exact_fusion = _checked_fusion(analysis, checks, pre)
     exact_model, err, fallback = _exact_or_input(analysis, exact_model, judge, rtol)
+    gc.collect()  # the fusion's gs graphs (reference cycles) hold model copies
     if fallback:
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
