@@ -59,7 +59,8 @@ def export(name: str, exporter: str, path: Path, vit_layers: int) -> None:
     model = build(name, vit_layers)
     x = torch.randn(2, 3, SIZE, SIZE)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
+    # not under torch.no_grad(): nn.MultiheadAttention would take its fused fast path, which TorchScript cannot export
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         if exporter == "ts":
             torch.onnx.export(model, (x,), str(tmp), opset_version=17, dynamo=False, input_names=["x"],
@@ -73,7 +74,7 @@ def export(name: str, exporter: str, path: Path, vit_layers: int) -> None:
 
 def prepare(name: str, exporter: str, samples: int, work: Path, vit_layers: int) -> tuple[Path, Path]:
     """The cached model and data (exported / drawn only when missing)."""
-    tag = f"{name}{vit_layers}" if name == "vit_s16" else name
+    tag = f"{name}_{vit_layers}blocks" if name == "vit_s16" else name
     model = work / f"{tag}_{exporter}.onnx"
     data = work / f"data{SIZE}_{samples}.npz"
     if not model.exists():
