@@ -405,12 +405,12 @@ def _checked_fusion(analysis: Analysis, checks: CheckData,
 def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *, tolerance: float,
                metric: str | None, strategy: str, max_remove: int | None, mode: str, refit: bool, provider: str,
                deadline: float | None, execution: Execution,
-               note: str | None = None) -> tuple[onnx.ModelProto, dict, Callable] | None:
+               warning: str | None = None) -> tuple[onnx.ModelProto, dict, Callable] | None:
     """An exact-only run (no search follows) on a model that no fusion pass changes: the input is written as it
     is, after the cheap checks every written model passes (full checker, strict shape inference). Nothing else is
     measured: the same graph computes the same outputs (fidelity 0, no run) as fast (latency not measured), and the
     written file is verified by comparing it with the input. None when a pass changes the graph (or the input fails
-    the checks): the full path runs. ``note``: a warning for the report (and the log)."""
+    the checks): the full path runs. ``warning``: one for the report (and the log)."""
     fused, fusion = pre
     if not same_graph(fused, analysis.model):
         return None
@@ -430,9 +430,9 @@ def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *,
     report["after"] = analysis.before.as_report()
     report["fidelity"] = {"metric": metric or default_metric(shapes), "value": 0.0, "tolerance": tolerance,
                           "samples": 0, "ok": True, "components": {}, "note": note}
-    report["warnings"] = [note] if note else []
-    if note:
-        log.warning("%s", note)
+    report["warnings"] = [warning] if warning else []
+    if warning:
+        log.warning("%s", warning)
     batch = run_batch(analysis.model, analysis.data, 1)
     report["latency_ms"] = {**latency_report({}, "exact", "original", provider, batch, NOISE_MARGIN), "note": note}
     report["search"] = {}
@@ -584,7 +584,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
             pre = None
         unchanged = pre and _unchanged(analysis, pre, tolerance=tolerance, metric=metric, strategy=strategy,
                                        max_remove=max_remove, mode=mode, refit=refit, provider=provider,
-                                       deadline=deadline, execution=execution, note=BIG_NOTE if big else None)
+                                       deadline=deadline, execution=execution, warning=BIG_NOTE if big else None)
         if unchanged:
             return unchanged
     fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)

@@ -352,6 +352,7 @@ def test_exact_mode_on_a_graph_no_pass_changes_runs_nothing_more(files, monkeypa
     assert report["verification"]["ok"] and report["verification"]["metric"] == "identical"
     assert report["latency_ms"]["before"] is None and "no change" in report["latency_ms"]["note"]
     assert "no change" in report["exactness"]["note"] and report["after"] == report["before"]
+    assert report["warnings"] == []  # nothing to warn about: the input is written as it is
     written, original = onnx.load(str(out)), onnx.load(str(files["model"]))
     assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]
     x = np.load(files["data"])["x"][:4]
