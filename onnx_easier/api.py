@@ -307,10 +307,10 @@ def optimize(
     ``time_limit`` (seconds from the call): no search trial starts after it; the best model verified so far (the
     candidates accepted until then) goes on to the latency step and is written, and the report says the search was
     cut short (``report["time_limit"]``). None: no limit.
-    ``distill`` (budget mode, needs torch): distil the chosen model's merged layers (``distill_scope="all"``: every
-    layer) to the original's outputs for ``distill_seconds`` (None: as long as the search took, at least
-    ``DISTILL_MIN_SECONDS``); kept only if the fidelity on the held-out samples improves (distill.py,
-    ``report["distill"]``).
+    ``distill`` (budget mode, needs torch): a candidate that fails the budget by at most 2.5x is distilled to the
+    original and judged again (distill.Recovery), and the chosen model is distilled once more, kept only if its
+    fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers (default)
+    or ``all``; ``distill_seconds``: the time for all of it (None: as long as the search takes).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """
@@ -599,8 +599,11 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     if fallback:
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
+    recovery = None if distill_scope is None else _recovery(analysis.model, exact_model, fit, check, judge,
+                                                            distill_scope, distill_seconds, seed, provider)
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
-                    max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all)
+                    max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all,
+                    recover=recovery)
     results: list[SearchResult] = []
     skipped: list[str] = []  # strategies the time limit left unrun
     not_run: dict[str, str] = {}  # strategies auto did not run, and why
@@ -658,7 +661,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         distilled = {"kept": False, "scope": distill_scope, "note": "no search model was chosen: nothing to distil"}
     elif distill_scope is not None:
         laps.start("distillation", f"distilling the merged layers to the original ({distill_scope})")
-        seconds = distill_seconds or max(DISTILL_MIN_SECONDS, sum(r.seconds for r in results))
+        seconds = max(DISTILL_MIN_SECONDS, recovery.left())
         out, fidelity, distilled = _distill(analysis, exact_model, out, fidelity, fit, check, judge,
                                             distill_scope, seconds, seed, provider)
 
@@ -681,6 +684,10 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                           "samples": holdout.samples, "fit_samples": fit.samples, "check_samples": check.samples}
     if distilled is not None:
         report["distill"] = distilled
+        if recovery is not None:
+            report["distill"]["search"] = {
+                "distilled": len(recovery.records), "seconds": round(recovery.used, 3),
+                "accepted": sum(bool(t.distill and t.distill["accepted"]) for r in results for t in r.trials)}
     warning = fidelity.training_data_warning()
     report["fidelity"]["bound_method"] = BOUND_METHOD
     resolution_note = judge.warning if any(r.trials for r in results) else None
@@ -734,7 +741,7 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
     return max((output_error(ref, session.run(names, feed)) for ref, feed in zip(expected, feeds)), default=0.0)
 
 
-DISTILL_MIN_SECONDS = 10.0
+DISTILL_MIN_SECONDS = 2.0  # the chosen model's distillation gets at least this
 DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
 
 
@@ -748,6 +755,15 @@ def _check_distill(scope: str, seconds: float | None) -> None:
         raise BadArgumentError(f"--distill needs torch: {DISTILL_INSTALL}")
 
 
+def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
+              judge: Judge, scope: str, seconds: float | None, seed: int, provider: str) -> Callable:
+    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection."""
+    from onnx_easier.distill import Recovery, torch_device
+
+    return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
+                    scope=scope, seed=seed, device=torch_device(provider))
+
+
 def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelProto, fidelity: Fidelity,
              fit: CalibrationData, check: CalibrationData, judge: Judge, scope: str, seconds: float, seed: int,
              provider: str) -> tuple[onnx.ModelProto, Fidelity, dict]:
@@ -759,7 +775,7 @@ def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelPro
     r = distill(analysis.model, model, fit, check, baseline=baseline, scope=scope, metric=judge.metric,
                 seconds=seconds, seed=seed, device=torch_device(provider))
     after = judge(r.model) if r.model is not model else fidelity
-    kept = bool(after.value < fidelity.value)
+    kept = bool(after.value < fidelity.value and (after.accepted or not fidelity.accepted))
     rep = {"before": float(fidelity.value), "after": float(after.value), "kept": kept, **r.as_report()}
     if not kept:
         return model, fidelity, rep

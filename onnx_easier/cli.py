@@ -82,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no search trial starts after SECONDS from the start (default 600): the best model verified "
                         "until then is written and the report says the search was cut short; 0: no limit")
     p.add_argument("--distill", action="store_true",
-                   help="after the search, distil the chosen model's merged layers to the original's outputs on the "
-                   "calibration data (torch: pip install \"onnx-easier[distill]\"); kept only if the fidelity on the "
-                   "held-out samples improves")
+                   help="distil to the original's outputs on the calibration data (torch: pip install "
+                   "\"onnx-easier[distill]\"): a candidate that fails the budget by at most 2.5x, before it is "
+                   "rejected, and the chosen model (kept only if its held-out fidelity improves)")
     p.add_argument("--distill-scope", choices=("merged", "all"), default="merged",
                    help="layers --distill trains: those the search merged or re-fitted (default), or all")
     p.add_argument("--distill-seconds", type=float, metavar="S",
-                   help="time budget of --distill (default: as long as the search took, at least 10 s)")
+                   help="time for all of --distill (default: as long as the search takes)")
     p.add_argument("--keep-failed", action="store_true",
                    help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")

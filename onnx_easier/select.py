@@ -505,6 +505,7 @@ class Trial:
     upper: float | None = None  # upper confidence bound of the loss (the acceptance criterion)
     samples: int = 0  # held-out samples measured (fewer when rejected early)
     early: bool = False  # rejected after part of the held-out samples (select.Judge, sequential)
+    distill: dict | None = None  # the loss before / after distillation of a candidate that failed (Search.recover)
 
     def as_report(self) -> dict:
         bound = {} if self.upper is None else {"upper_bound": self.upper if np.isfinite(self.upper) else None,
@@ -512,7 +513,8 @@ class Trial:
         return {"activations": self.acts, "fidelity": self.fidelity, "accepted": self.accepted, **bound,
                 **({"early_rejection": True} if self.early else {}),
                 "seconds": round(self.seconds, 3), "macs": self.macs, "compute_nodes": self.compute_nodes,
-                "refit": [r.as_report() for r in self.refit], **({"note": self.note} if self.note else {})}
+                "refit": [r.as_report() for r in self.refit], **({"note": self.note} if self.note else {}),
+                **({"distill": self.distill} if self.distill else {})}
 
 
 @dataclass
@@ -552,6 +554,9 @@ class Search:
     deadline: float | None = None  # time.perf_counter() after which no trial starts (api's time limit)
     on_step: StepHook | None = None  # on_step("search <strategy>", trials done, trials planned, message)
     try_all: bool = False  # also try candidates predicted to gain nothing (gain.py)
+    # a last chance for a candidate that fails the budget: recover(model, loss) -> a model to judge again, or None
+    # (distill.Recovery: distillation to the original)
+    recover: Callable[[onnx.ModelProto, float], onnx.ModelProto | None] | None = None
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original, execution=self.judge.execution)
@@ -732,9 +737,19 @@ class Search:
             model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                           batch=self.judge.batch, softmax_head=self.judge.softmax_head)
         fid = self.judge(model, sequential=True)
+        distilled = None
+        if not fid.accepted and self.recover is not None:
+            recovered = self.recover(model, float(fid.value))
+            if recovered is model:  # distilled, no gain on the check samples: the loss stands
+                distilled = {"before": float(fid.value), "after": float(fid.value), "accepted": False}
+            elif recovered is not None:  # same graph, new weights: judged again, kept only if accepted
+                again = self.judge(recovered, sequential=True)
+                distilled = {"before": float(fid.value), "after": float(again.value), "accepted": bool(again.accepted)}
+                if again.accepted:
+                    model, fid = recovered, again
         cost = measure(model, 0, self.input_shapes)
         log.info("trial %s: fidelity loss %.5f, upper bound %.5f on %d samples (%s)", cand.names, fid.value,
                  fid.upper, fid.samples, "kept" if fid.accepted else "undone")
         return (Trial(cand.names, float(fid.value), bool(fid.accepted), time.perf_counter() - t0, cost.macs,
-                      cost.compute_nodes, records, fallback, fid.upper, fid.samples, fid.early), model, fid)
+                      cost.compute_nodes, records, fallback, fid.upper, fid.samples, fid.early, distilled), model, fid)
 
