@@ -619,7 +619,12 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                 continue
             if strategy == "auto" and s == "entropy" and results and not search.has_groups():
                 not_run["entropy"] = ("no group of several activations merges layers: the merge search tried the "
-                                      "same candidates, ordered by predicted gain per expected loss")
+                                      "same candidates, in another order")
+                continue
+            if strategy == "auto" and s == "entropy" and results and any(
+                    len(t.acts) > 1 and t.accepted for t in results[0].trials):
+                not_run["entropy"] = ("the merge search kept a group of several activations: an activation-by-"
+                                      "activation search would only reach those merges part by part")
                 continue
             results.append(search.run(s))
 
