@@ -132,3 +132,34 @@ def test_a_failing_prediction_tries_every_candidate(monkeypatch) -> None:
     res = optimize(basic_block(), {"x": x})
     assert res.report["trials"] > 0
     assert not any(r["skipped"] for r in res.report["search"].values())
+
+
+def inverted_residual(c: int = 4, t: int = 6) -> onnx.ModelProto:
+    """1x1 expand c -> t*c, Relu 'r1', depthwise 3x3, Relu 'r2', 1x1 project -> c: neither Relu alone lets layers
+    merge (each merge would add MACs), both together collapse the block into one 3x3 conv c -> c."""
+    rng = np.random.default_rng(3)
+    h = c * t
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="expand"),
+             helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+             helper.make_node("Conv", ["ra", "w2", "b2"], ["b"], group=h, pads=[1, 1, 1, 1], name="dw"),
+             helper.make_node("Relu", ["b"], ["rb"], name="r2"),
+             helper.make_node("Conv", ["rb", "w3", "b3"], ["y"], name="project")]
+    inits = [_init("w1", rng.standard_normal((h, c, 1, 1)) * 0.5), _init("b1", np.abs(rng.standard_normal(h)) + 2),
+             _init("w2", rng.standard_normal((h, 1, 3, 3)) * 0.3), _init("b2", np.abs(rng.standard_normal(h)) + 2),
+             _init("w3", rng.standard_normal((c, h, 1, 1)) * 0.2), _init("b3", np.zeros(c))]
+    return _model(nodes, inits, ["N", c, 8, 8], ["N", c, 8, 8])
+
+
+def test_a_group_merge_is_predicted_and_auto_keeps_it_without_the_entropy_search() -> None:
+    model = inverted_residual()
+    gains = _gains(model)
+    assert not gains["r1"].any and not gains["r2"].any  # alone: nothing merges (cost-aware fusion refuses)
+    acts = find_activations(to_graph(infer_shapes(model)))
+    both = GainModel(model, acts).predict(acts)
+    assert both.compute_nodes == 2 and both.macs > 0
+    x = np.random.default_rng(1).standard_normal((256, 4, 8, 8)).astype(np.float32)
+    res = optimize(model, {"x": x}, tolerance=1.0, metric="rel-l2")
+    merge = res.report["search"]["merge"]
+    assert merge["trials"][0]["activations"] == ["r1", "r2"] and merge["trials"][0]["accepted"]
+    assert "entropy" not in res.report["search"]
+    assert "kept a group of several activations" in res.report["strategy"]["not_run"]["entropy"]
