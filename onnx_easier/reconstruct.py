@@ -58,6 +58,7 @@ BATCH = 32
 # mobilenetv2_wide_digits (8, 0.56 points lost), with a fifth less CPU time per default run
 ROWS_PER_FEATURE = 200
 MIN_SAMPLES = 64
+MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re-fitted only from this many rows
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 
 
@@ -307,6 +308,13 @@ def refit_layers(
         site = _site(graph, node, original_names)
         if isinstance(site, str):
             log.debug("refit %s skipped: %s", name, site)
+            continue
+        if site.layer.nd == 0 and not site.last and fit.samples < MIN_ROWS_PER_FEATURE * feature_count(site.layer):
+            # one row per sample (a classifier head after pooling): fewer samples than the unknowns need would
+            # give an under-determined fit, and each costs a pass of the whole model upstream, in every trial
+            records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0,
+                                       f"skipped: {fit.samples} fit samples for {feature_count(site.layer)} unknowns "
+                                       f"per output (needs {MIN_ROWS_PER_FEATURE} rows per unknown)"))
             continue
         t0 = time.perf_counter()
         head = softmax_head and _is_head(site, model)

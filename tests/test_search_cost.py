@@ -51,3 +51,18 @@ def test_kept_statistics_equal_a_fresh_calibration() -> None:
     for name in kept:
         np.testing.assert_array_equal(old[name].count_on, new[name].count_on)
         np.testing.assert_allclose(old[name].affine_fit(), new[name].affine_fit(), rtol=1e-12)
+
+
+def test_a_head_with_too_few_samples_for_its_unknowns_is_not_refitted() -> None:
+    """A dense layer with one row per sample is re-fitted only from one row per unknown (9 here: 8 weights +
+    bias): 6 samples skip it with a note (no pass of the model upstream), 64 re-fit it."""
+    from onnx_easier.reconstruct import refit_layers
+
+    rng = np.random.default_rng(2)
+    check = CalibrationData("mem", 16, {"x": rng.standard_normal((16, 8)).astype(np.float32)})
+    few = CalibrationData("mem", 6, {"x": rng.standard_normal((6, 8)).astype(np.float32)})
+    _, records = refit_layers(chain(2.0), chain(1.0), ["m2"], few, check)
+    assert len(records) == 1 and "skipped: 6 fit samples for 9 unknowns" in records[0].note
+    enough = CalibrationData("mem", 64, {"x": rng.standard_normal((64, 8)).astype(np.float32)})
+    _, records = refit_layers(chain(2.0), chain(1.0), ["m2"], enough, check)
+    assert len(records) == 1 and records[0].accepted and records[0].error_after < records[0].error_before
