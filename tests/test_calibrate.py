@@ -126,8 +126,10 @@ def test_results_do_not_depend_on_batch_size() -> None:
             assert o.count == s.count
             for field in ("sum_x", "sum_x2", "sum_y", "sum_xy", "sum_y2"):
                 _close_sums(getattr(o, field), getattr(s, field), s.sum_x2 + s.sum_y2)
-            np.testing.assert_array_equal(o.min_x, s.min_x)
-            np.testing.assert_array_equal(o.max_x, s.max_x)
+            # extremes are values ORT computed: the same up to float32 rounding, which may differ with the batch
+            # shape (ORT picks kernels per shape)
+            np.testing.assert_allclose(o.min_x, s.min_x, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(o.max_x, s.max_x, rtol=1e-6, atol=1e-6)
 
 
 def _close_sums(got: np.ndarray, want: np.ndarray, scale: np.ndarray) -> None:
