@@ -735,8 +735,9 @@ class Search:
                           note="; ".join(built.notes) or "could not be linearized"), None, None)
         model = built.model
         records: list[RefitRecord] = []
+        targets = refit_targets(built.reference, built.fusion, model, list(cand.acts)) if self.refit else []
+        built = plain = None  # the references and the unchosen model: not held through re-fit and fidelity
         if self.refit:
-            targets = refit_targets(built.reference, built.fusion, model, list(cand.acts))
             model, records = refit_layers(model, self.targets, targets, self.fit, self.check,
                                           batch=self.judge.batch, softmax_head=self.judge.softmax_head)
         fid = self.judge(model, sequential=True)
