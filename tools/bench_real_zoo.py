@@ -24,8 +24,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import test_real_zoo as zoo
+from bench_zoo import report_summary
 
 from onnx_easier.cli import main as easier
 
@@ -43,13 +45,7 @@ def row(name: str, exporter: str, samples: int, extra: list[str], folder: Path) 
     base = {"model": name, "exporter": exporter, "exit": code, "seconds": time.perf_counter() - t0}
     if code != 0:
         return {**base, "error": next((line for line in err.getvalue().splitlines() if line.strip()), "")[:200]}
-    r = json.loads(rep.read_text())
-    acts = r["activations"]
-    return {**base, "linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
-            "compute": (r["before"]["compute_nodes"], r["after"]["compute_nodes"]),
-            "depth": (r["before"]["depth"], r["after"]["depth"]),
-            "fidelity": (r["fidelity"]["metric"], r["fidelity"]["value"]), "ratio": r["latency_ms"]["ratio"],
-            "cut_short": r.get("time_limit", {}).get("cut_short", False)}
+    return {**base, **report_summary(json.loads(rep.read_text()))}
 
 
 def table(rows: list[dict]) -> str:

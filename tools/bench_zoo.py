@@ -105,16 +105,6 @@ def _export(case: Case, exporter: str, path: Path) -> None:
 
 
 
-def _export(case: Case, exporter: str, path: Path) -> None:
-    torch.manual_seed(0)
-    module = Z.randomize(case.build())
-    kwargs = ({"dynamo": False, "opset_version": 17, "dynamic_axes": case.dynamic or None} if exporter == "ts"
-              else {"dynamo": True, "external_data": False})
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, case.example(), str(path), input_names=case.inputs, **kwargs)
-
-
 
 def row(name: str, exporter: str, samples: int, time_limit: str, folder: Path) -> dict:
     case = CASES[name]
@@ -128,10 +118,15 @@ def row(name: str, exporter: str, samples: int, time_limit: str, folder: Path) -
     seconds = time.perf_counter() - t0
     if code != 0:
         return {"model": name, "exporter": exporter, "exit": code, "seconds": seconds}
-    r = json.loads(rep.read_text())
-    acts = r["activations"]
     return {"model": name, "exporter": exporter, "exit": code, "seconds": seconds,
-            "linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
+            **report_summary(json.loads(rep.read_text()))}
+
+
+def report_summary(r: dict) -> dict:
+    """The table's figures from one report: linearized / activations, compute nodes and depth before and after,
+    fidelity (metric, value), latency ratio, whether the time limit cut the search short."""
+    acts = r["activations"]
+    return {"linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
             "compute": (r["before"]["compute_nodes"], r["after"]["compute_nodes"]),
             "depth": (r["before"]["depth"], r["after"]["depth"]),
             "fidelity": (r["fidelity"]["metric"], r["fidelity"]["value"]), "ratio": r["latency_ms"]["ratio"],
