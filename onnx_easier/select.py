@@ -571,9 +571,6 @@ class Search:
         self.skipped: list[tuple[list[str], str]] = []
         self._multi: bool | None = None  # has_groups, once ordered() has run
 
-    def macs(self, model: onnx.ModelProto) -> int:
-        return measure(model, 0, self.input_shapes).macs
-
     def gain(self, group: tuple[Activation, ...]) -> Gain:
         """Predicted gain of linearizing ``group`` in the exact model (gain.py; memoized, one model for all)."""
         key = tuple(a.name for a in group)
@@ -606,8 +603,9 @@ class Search:
         groups = merge_candidates(self.exact, self.activations, self.entropy, self.gain)
         self._multi = any(len(c.acts) > 1 for c in groups)
         needed = {n for c in groups for n in c.names}
-        useful = [c for c in singles if self.try_all or c.gain.any or c.names[0] in needed]
-        self.skipped = [(c.names, c.gain.reason()) for c in singles if c not in useful]
+        tried = {c.names[0]: self.try_all or c.gain.any or c.names[0] in needed for c in singles}
+        useful = [c for c in singles if tried[c.names[0]]]
+        self.skipped = [(c.names, c.gain.reason()) for c in singles if not tried[c.names[0]]]
         if strategy == "entropy":
             return useful
         grouped = {tuple(c.names) for c in groups}
