@@ -41,6 +41,7 @@ from onnx_easier.calibrate import upstream
 from onnx_easier.data import CalibrationData
 from onnx_easier.execution import CPU, Execution
 from onnx_easier.graph_utils import is_constant, single_consumer
+from onnx_easier.joint import digests, joint
 from onnx_easier.linear_math import ConvLayer, to_dense
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
@@ -59,6 +60,7 @@ BATCH = 32
 ROWS_PER_FEATURE = 200
 MIN_SAMPLES = 64
 MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re-fitted only from this many rows
+MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 
 
@@ -213,6 +215,31 @@ class Targets:
         self._bytes = 0
         self._session: tuple[str, ort.InferenceSession] | None = None  # the last tensor's cut model
         self.computed = 0  # batches run through ORT (for tests and profiling)
+        self._digests: dict[str, bytes] | None = None
+
+    @property
+    def digests(self) -> dict[str, bytes]:
+        """joint.digests of the original (computed once)."""
+        if self._digests is None:
+            self._digests = digests(self.original)
+        return self._digests
+
+    def complete(self, name: str, data: CalibrationData, batch: int) -> bool:
+        """Whether every batch of ``name`` over ``data`` is cached."""
+        entry = self._store.get((name, id(data), batch))
+        return entry is not None and len(entry[1]) >= -(-data.samples // batch)
+
+    def offer(self, name: str, data: CalibrationData, batch: int, index: int, y: np.ndarray) -> None:
+        """Batch ``index`` of ``name`` computed elsewhere (a joint session): cached when it extends the cached
+        prefix and fits the budget, like a batch computed here."""
+        key = (name, id(data), batch)
+        entry = self._store.get(key)
+        if entry is None:
+            entry = self._store[key] = (data, [])
+        kept = entry[1]
+        if len(kept) == index and self._room(key, y.nbytes):
+            kept.append(y.copy())
+            self._bytes += y.nbytes
 
     def release(self) -> None:
         """Free the session of the last tensor's cut model (the batches computed stay cached)."""
@@ -251,13 +278,44 @@ class Targets:
             yield y
 
 
-def _pairs(current: ort.InferenceSession, targets: Targets, site: _Site, data: CalibrationData,
-           batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(layer input from the ``current`` model's session, which computes ``site.reads``; target from the original
-    minus the layer's fixed offset and minus the current residual addend) per batch."""
+class _Reader:
+    """Per batch, the current model's ``site.reads`` and the original's ``site.y``: from one joint session
+    (joint.py) when the original's target is not cached yet and the two models share at least ``MIN_SHARED`` of
+    the original's nodes up to it; else from the current model's cut session and the ``Targets`` cache."""
+
+    def __init__(self, model: onnx.ModelProto, targets: Targets, site: _Site, data: list[CalibrationData],
+                 batch: int) -> None:
+        self.targets, self.site, self.batch = targets, site, batch
+        cut = upstream(model, site.reads)
+        self.y_name: str | None = None
+        if not all(targets.complete(site.y, d, batch) for d in data):
+            merged = joint(cut, upstream(targets.original, [site.y]), targets.digests, [site.y])
+            if merged is not None and merged[2] >= MIN_SHARED:
+                cut, names, shared = merged
+                self.y_name = names[site.y]
+                log.debug("refit %s: one joint session (%.0f%% of the original's nodes shared)", site.node.name,
+                          100 * shared)
+        self.fetch = list(dict.fromkeys([*site.reads, *([self.y_name] if self.y_name else [])]))
+        self.session = targets.execution.session(cut)
+
+    def batches(self, data: CalibrationData) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        """(the reads, the target) per batch of ``data``."""
+        if self.y_name is None:
+            for feed, yv in zip(data.batches(self.batch), self.targets.batches(self.site.y, data, self.batch)):
+                yield self.session.run(self.site.reads, feed), yv
+            return
+        for i, feed in enumerate(data.batches(self.batch)):
+            got = dict(zip(self.fetch, self.session.run(self.fetch, feed)))
+            self.targets.offer(self.site.y, data, self.batch, i, got[self.y_name])
+            yield [got[r] for r in self.site.reads], got[self.y_name]
+
+
+def _pairs(reader: _Reader, data: CalibrationData) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(layer input from the current model; target from the original minus the layer's fixed offset and minus
+    the current residual addend) per batch."""
+    site = reader.site
     last = site.last
-    for feed, yv in zip(data.batches(batch), targets.batches(site.y, data, batch)):
-        got = current.run(site.reads, feed)
+    for got, yv in reader.batches(data):
         xv = got[0]
         yv = yv.astype(np.float64)
         if site.skip is not None:
@@ -319,9 +377,9 @@ def refit_layers(
         t0 = time.perf_counter()
         head = softmax_head and _is_head(site, model)
         rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
-        session = targets.execution.session(upstream(model, site.reads))  # the current model, cut: both passes
-        fit_pairs = _pairs(session, targets, site, fit, batch)
-        check_pairs = _pairs(session, targets, site, check, batch)
+        session = _Reader(model, targets, site, [fit, check], batch)  # the current model, cut: both passes
+        fit_pairs = _pairs(session, fit)
+        check_pairs = _pairs(session, check)
         if head:
             fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
         try:

@@ -66,3 +66,28 @@ def test_a_head_with_too_few_samples_for_its_unknowns_is_not_refitted() -> None:
     enough = CalibrationData("mem", 64, {"x": rng.standard_normal((64, 8)).astype(np.float32)})
     _, records = refit_layers(chain(2.0), chain(1.0), ["m2"], enough, check)
     assert len(records) == 1 and records[0].accepted and records[0].error_after < records[0].error_before
+
+
+def test_refit_reads_both_models_from_one_joint_session_when_they_share_the_prefix(monkeypatch) -> None:
+    """Re-fitting the last layer of a model changed only there: its input and the original's target come from one
+    session (joint.py), the Targets cache computes nothing and is filled for the next reader, and the fitted
+    weights equal those of two separate sessions."""
+    import onnx_easier.reconstruct as rc
+
+    rng = np.random.default_rng(3)
+    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
+    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    current = chain(1.0)
+    w2 = numpy_helper.to_array(current.graph.initializer[2])
+    current.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 * 1.5, "w2"))
+    targets = rc.Targets(chain(1.0))
+    joint_model, joint_records = rc.refit_layers(current, targets, ["m2"], fit, check)
+    assert targets.computed == 0 and targets.complete("h2", fit, rc.BATCH) and targets.complete("h2", check, rc.BATCH)
+    monkeypatch.setattr(rc, "MIN_SHARED", 2.0)  # never joint: two sessions
+    separate = rc.Targets(chain(1.0))
+    plain_model, plain_records = rc.refit_layers(current, separate, ["m2"], fit, check)
+    assert separate.computed > 0
+    assert joint_records[0].accepted and plain_records[0].accepted
+    weights = [numpy_helper.to_array(t) for t in joint_model.graph.initializer]
+    for a, b in zip(weights, [numpy_helper.to_array(t) for t in plain_model.graph.initializer]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
