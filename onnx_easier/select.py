@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -493,6 +495,26 @@ def gain_order(cands: list[Candidate]) -> list[Candidate]:
 # the search
 
 
+class Spill:
+    """Models kept on disk (a temporary directory removed with this object) instead of in memory: an accepted
+    trial's model is read again only when another strategy reaches the same state."""
+
+    def __init__(self) -> None:
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._count = 0
+
+    def put(self, model: onnx.ModelProto) -> str:
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="onnx-easier-")
+        self._count += 1
+        path = os.path.join(self._dir.name, f"state{self._count}.onnx")
+        onnx.save(model, path)
+        return path
+
+    def get(self, path: str) -> onnx.ModelProto:
+        return onnx.load(path)
+
+
 @dataclass
 class Trial:
     """One candidate tried: its activations, the fidelity loss measured, whether it was kept, time spent."""
@@ -563,7 +585,8 @@ class Search:
 
     def __post_init__(self) -> None:
         self.targets = Targets(self.original, execution=self.judge.execution)
-        self._memo: dict[tuple, tuple[Trial, onnx.ModelProto | None, Fidelity | None]] = {}
+        self._memo: dict[tuple, tuple[Trial, str | None, Fidelity | None]] = {}  # model: a file of _spill
+        self._spill = Spill()
         self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
         self._state_models: dict[tuple, onnx.ModelProto] = {}  # the model of each state whose stats are memoized
         self._gain_model: GainModel | bool | None = None  # False: the prediction could not be set up
@@ -635,7 +658,7 @@ class Search:
         else:
             stats = self._stats(current, remaining)
         self._stats_memo[path] = stats
-        self._state_models[path] = current
+        self._state_models = {path: current}  # only the latest state's model: its children are tried next
         return stats
 
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
@@ -669,7 +692,8 @@ class Search:
                 continue
             key = (path, tuple(cand.names))
             if key in self._memo:
-                trial, model, fid = self._memo[key]
+                trial, kept, fid = self._memo[key]
+                model = self._spill.get(kept) if kept is not None else None
                 reused = "reused: same state and candidate as an earlier trial"
                 trial = replace(trial, note=f"{trial.note}; {reused}" if trial.note else reused)
             else:
@@ -679,8 +703,10 @@ class Search:
                     log.warning("trial %s failed and was undone: %s", cand.names, exc)
                     trial, model, fid = Trial(cand.names, float("nan"), False, 0.0, 0, 0,
                                               note=f"failed and undone: {exc}"), None, None
-                # a rejected trial's model is never used again: not held (100 MB a trial on ResNet-50)
-                self._memo[key] = (trial, model if fid is not None and fid.accepted else None, fid)
+                # a rejected trial's model is never used again: not held (100 MB a trial on ResNet-50); an
+                # accepted one waits on disk for another strategy that reaches the same state
+                self._memo[key] = (trial, self._spill.put(model) if fid is not None and fid.accepted else None,
+                                   fid)
             trials.append(trial)
             line = (f"{strategy} trial {len(trials)}: {' + '.join(cand.names)}: "
                     + (f"loss {fid.value:.4f} (upper bound {fid.upper:.4f}) {'kept' if fid.accepted else 'undone'}"
@@ -724,8 +750,14 @@ class Search:
         if self.mode == "affine" and built.linearized == len(cand.acts):
             # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
             # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
-            plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others, self.checks)
+            try:  # unchecked: only compared; checked below if chosen
+                plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
+            except Exception:  # noqa: BLE001 - a pass that crashes: the fail-safe fusion finds and rolls it back
+                plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others, self.checks)
             if plain.linearized == len(cand.acts) and self._more_work(built.model, plain.model):
+                if self.checks is not None and not same_graph(plain.model, plain.reference) and \
+                        self.checks.guard(plain.reference, current).failure(plain.model) is not None:
+                    plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others, self.checks)
                 built = plain
                 fallback = "the affine map would stay as a node: identity + re-fit"
         if built.linearized != len(cand.acts):
