@@ -5,16 +5,17 @@ Pipeline of one search (``search``), starting from the exact-fused original ``M_
     for each candidate C in order (single activations by entropy; or groups whose joint linearization lets a
     chain collapse into a cheaper layer, ranked by entropy then predicted gain; candidates whose gain,
     predicted from the graph alone (gain.py), is nothing are skipped and reported):
-        M' = fuse(linearize(M_k, C, affine fits from M_k's own statistics))
+        M' = fuse(linearize(M_k, C, affine fits from M_k's own statistics: cached by the digests of the tensors
+             they are taken from, so calibrated again only downstream of an accepted change, when first needed))
              (if an affine map would stay as a node of its own, i.e. M' has more nodes, compute nodes or MACs than
              with the identity, the identity is used: it never adds a node, and the re-fit absorbs a and b)
         M' = re-fit the layers downstream of C (and those ending the other branch of a residual Add that C's
              output reaches), then the output layers, to the ORIGINAL model's tensors (least squares with the
-             ridge chosen on the check samples; a classifier head also by softmax KL)
+             ridge chosen on the check samples; a classifier head also by softmax KL; the layer's input and the
+             original's target from one joint session where the two models share the graph upstream, joint.py)
         loss = fidelity(original, M') on held-out samples (disjoint from the fit samples), read in order and
                stopped early once its lower confidence bound is above the tolerance (Judge)
-        keep M_{k+1} = M' if loss <= tolerance and its upper confidence bound <= the effective tolerance (and
-        re-calibrate the statistics the affine fits need, downstream of the change only), else undo;
+        keep M_{k+1} = M' if loss <= tolerance and its upper confidence bound <= the effective tolerance, else undo;
         one failure does not end the search; ``max_remove`` caps the count.
 
 Data split: the last ``holdout`` samples measure fidelity and are never used to fit anything; of the others, the
@@ -59,6 +60,7 @@ from onnx_easier.fidelity import (
 from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.gain import Gain, GainModel
 from onnx_easier.graph_utils import is_constant
+from onnx_easier.joint import digests
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.linearize import linearize
@@ -249,24 +251,12 @@ def refit_targets(reference: onnx.ModelProto, fusion: FusionResult | None, model
     return names + [n for n in output_layers(model) if n not in names]
 
 
-def stale_activations(before: onnx.ModelProto, after: onnx.ModelProto, acts: list[Activation]) -> set[str]:
-    """Names of the activations of ``acts`` whose pre-activation tensor in ``after`` may differ from ``before``:
-    downstream of a node of ``after`` that is new, differs from ``before``'s node of the same name, or reads an
-    initializer whose value changed (a re-fit); or whose tensor ``after`` no longer computes. The others see the
-    same inputs through the same nodes, so their statistics on the same data are the same."""
-    old_nodes = {n.name: n for n in before.graph.node}
-    old_init = {t.name: t for t in before.graph.initializer}
-    new_init = {t.name: t for t in after.graph.initializer}
-    changed: set[str] = set()
-    produced: set[str] = {i.name for i in after.graph.input}
-    for node in after.graph.node:
-        old = old_nodes.get(node.name)
-        dirty = (old is None or old != node or any(i in changed for i in node.input)
-                 or any(i in new_init and (i not in old_init or new_init[i] != old_init[i]) for i in node.input))
-        if dirty:
-            changed.update(node.output)
-        produced.update(node.output)
-    return {a.name for a in acts if a.input in changed or a.input not in produced}
+def stats_keys(model: onnx.ModelProto, acts: list[Activation]) -> dict[str, tuple | None]:
+    """Per activation, the digests (joint.digests) of its input and output tensors in ``model``: equal keys in two
+    models mean the same nodes, weights and inputs compute those tensors, so their statistics on the same data are
+    the same numbers. None for an activation whose tensors ``model`` does not compute."""
+    d = digests(model)
+    return {a.name: (d[a.input], d[a.output]) if a.input in d and a.output in d else None for a in acts}
 
 
 def split_data(data: CalibrationData, multiple: int = 1,
@@ -587,8 +577,7 @@ class Search:
         self.targets = Targets(self.original, execution=self.judge.execution)
         self._memo: dict[tuple, tuple[Trial, str | None, Fidelity | None]] = {}  # model: a file of _spill
         self._spill = Spill()
-        self._stats_memo: dict[tuple, dict[str, ChannelStats]] = {}
-        self._state_models: dict[tuple, onnx.ModelProto] = {}  # the model of each state whose stats are memoized
+        self._stats_cache: dict[tuple, ChannelStats] = {}  # stats_keys -> the statistics on the fit samples
         self._gain_model: GainModel | bool | None = None  # False: the prediction could not be set up
         self._gains: dict[tuple[str, ...], Gain] = {}
         self.skipped: list[tuple[list[str], str]] = []
@@ -639,27 +628,28 @@ class Search:
         ca, cb = measure(a, 0, self.input_shapes), measure(b, 0, self.input_shapes)
         return ca.nodes > cb.nodes or ca.compute_nodes > cb.compute_nodes or ca.macs > cb.macs
 
-    def _state_stats(self, current: onnx.ModelProto, path: tuple,
-                     remaining: list[Activation]) -> dict[str, ChannelStats]:
-        """The affine-fit statistics of the ``remaining`` activations in the state ``path`` (memoized). After an
-        acceptance only the activations downstream of what the accepted candidate changed are calibrated again
-        (``stale_activations``); the others keep the parent state's statistics, which are the same numbers."""
-        if path in self._stats_memo:
-            return self._stats_memo[path]
-        parent = path[:-1]
-        if self.mode == "affine" and path and parent in self._stats_memo and parent in self._state_models:
-            before = self._stats_memo[parent]
-            stale = stale_activations(self._state_models[parent], current, remaining)
-            kept = {a.name: before[a.name] for a in remaining if a.name not in stale and a.name in before}
-            fresh = self._stats(current, [a for a in remaining if a.name not in kept])
-            stats = {**kept, **fresh}
-            log.info("affine statistics of state %d: %d activations re-calibrated, %d kept", len(path),
-                     len(fresh), len(kept))
-        else:
-            stats = self._stats(current, remaining)
-        self._stats_memo[path] = stats
-        self._state_models = {path: current}  # only the latest state's model: its children are tried next
-        return stats
+    def _candidate_stats(self, current: onnx.ModelProto, remaining: list[Activation],
+                         cand: Candidate) -> dict[str, ChannelStats]:
+        """The affine-fit statistics of ``cand``'s activations in ``current``, cached by ``stats_keys``: a state that
+        changed nothing upstream of an activation (the same nodes, weights and inputs compute its tensors) reuses
+        its statistics without a run. On a miss, every remaining activation whose statistics ``current`` lacks is
+        calibrated in the same pass (the next candidates in this state need them)."""
+        if self.mode != "affine":
+            return {}
+        keys = stats_keys(current, remaining)
+        missing = [a for a in remaining if keys[a.name] not in self._stats_cache]  # None (unkeyed) never is
+        uncached: dict[str, ChannelStats] = {}
+        if any(a in missing for a in cand.acts):
+            fresh = self._stats(current, missing)
+            log.info("affine statistics: %d activations calibrated, %d reused", len(missing),
+                     len(remaining) - len(missing))
+            for a in missing:
+                if a.name in fresh and keys[a.name] is not None:
+                    self._stats_cache[keys[a.name]] = fresh[a.name]
+                elif a.name in fresh:
+                    uncached[a.name] = fresh[a.name]
+        return {a.name: uncached[a.name] if a.name in uncached else self._stats_cache[keys[a.name]]
+                for a in cand.acts}
 
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
@@ -742,7 +732,7 @@ class Search:
                cand: Candidate) -> tuple[Trial, onnx.ModelProto | None, Fidelity | None]:
         """Linearize ``cand`` in ``current`` (the state reached by ``path``), fuse, re-fit, measure."""
         t0 = time.perf_counter()
-        stats = self._state_stats(current, path, remaining)
+        stats = self._candidate_stats(current, remaining, cand)
         fits = {a.name: stats[a.name].affine_fit() for a in cand.acts} if self.mode == "affine" else None
         others = kept_nodes(remaining, cand.acts)
         built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others, self.checks)

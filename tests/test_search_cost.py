@@ -9,7 +9,7 @@ from onnx_easier.activations import find_activations
 from onnx_easier.calibrate import calibrate
 from onnx_easier.data import CalibrationData
 from onnx_easier.model_io import to_graph
-from onnx_easier.select import stale_activations
+from onnx_easier.select import stats_keys
 from onnx_easier.shapes import infer_shapes
 
 
@@ -28,15 +28,17 @@ def chain(scale2: float = 1.0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_only_activations_downstream_of_a_change_are_stale() -> None:
+def test_statistics_keys_change_only_downstream_of_a_change() -> None:
     before, after = chain(1.0), chain(2.0)
     acts = find_activations(to_graph(infer_shapes(before)))
-    assert stale_activations(before, before, acts) == set()
-    assert stale_activations(before, after, acts) == {"r1", "r2"}
-    rewired = chain(1.0)  # a node removed upstream (r0 bypassed): everything after it is stale
+    old, new = stats_keys(before, acts), stats_keys(after, acts)
+    assert old == stats_keys(chain(1.0), acts)
+    assert [a.name for a in acts if old[a.name] != new[a.name]] == ["r1", "r2"]
+    rewired = chain(1.0)  # a node removed upstream (r0 bypassed): everything after it is stale, r0 has no key
     rewired.graph.node[2].input[0] = "h0"
     del rewired.graph.node[1]
-    assert stale_activations(before, rewired, [a for a in acts if a.name != "r0"]) == {"r1", "r2"}
+    keys = stats_keys(rewired, acts)
+    assert keys["r0"] is None and keys["r1"] != old["r1"] and keys["r2"] != old["r2"]
 
 
 def test_kept_statistics_equal_a_fresh_calibration() -> None:
@@ -46,7 +48,8 @@ def test_kept_statistics_equal_a_fresh_calibration() -> None:
     data = CalibrationData("mem", 64, {"x": x})
     old = calibrate(before, acts, data, moments=True)
     new = calibrate(after, acts, data, moments=True)
-    kept = [a.name for a in acts if a.name not in stale_activations(before, after, acts)]
+    k_old, k_new = stats_keys(before, acts), stats_keys(after, acts)
+    kept = [a.name for a in acts if k_old[a.name] == k_new[a.name]]
     assert kept == ["r0"]
     for name in kept:
         np.testing.assert_array_equal(old[name].count_on, new[name].count_on)
