@@ -8,8 +8,9 @@ that computes the same thing as a node of the first is dropped and its readers r
 "The same thing" is decided by a digest (a Merkle hash) per tensor:
 
     digest(graph input x)   = H("input", name, type)
-    digest(initializer w)   = H("const", dtype, dims, raw bytes)
+    digest(initializer w)   = H("const", dtype, dims, raw bytes)   (a Constant node's value alike)
     digest(output k of n)   = H("node", op, domain, attributes, digests of n's inputs, k)
+    digest(Identity(x))     = digest(x)
 
 Two tensors with equal digests are computed by identical subgraphs from identical inputs, so ORT computes equal
 values for them (same kernels, same inputs). Nodes with subgraph attributes (If/Loop/Scan may read outer tensors
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 PREFIX = "joint::"  # names of the second model's tensors that are kept apart
 
@@ -34,12 +37,28 @@ def _h(*parts: bytes | str) -> bytes:
 
 
 def _initializer_digest(t: onnx.TensorProto) -> bytes:
-    """Digest of a constant's value (dtype, dims, content); the name does not count."""
-    copy = onnx.TensorProto()
-    copy.CopyFrom(t)
-    copy.name = ""
+    """Digest of a constant's value (dtype, dims, content), however it is stored (raw bytes or typed fields);
+    the name does not count. A tensor stored outside the file is digested by its location."""
+    try:
+        value = numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001 - external data not loaded, unusual types: its stored form identifies it
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = ""
+        copy.ClearField("doc_string")
+        return _h("const-proto", copy.SerializeToString(deterministic=True))
+    return _h("const", str(t.data_type), str(value.shape), np.ascontiguousarray(value).tobytes())
+
+
+def _attribute_bytes(a: onnx.AttributeProto) -> bytes:
+    """An attribute's value for a digest: doc strings and the names of tensor values left out."""
+    copy = onnx.AttributeProto()
+    copy.CopyFrom(a)
     copy.ClearField("doc_string")
-    return _h("const", copy.SerializeToString(deterministic=True))
+    if copy.HasField("t"):
+        copy.t.name = ""
+        copy.t.ClearField("doc_string")
+    return copy.SerializeToString(deterministic=True)
 
 
 def mergeable(model: onnx.ModelProto) -> bool:
@@ -59,7 +78,14 @@ def digests(model: onnx.ModelProto) -> dict[str, bytes]:
         if t.name not in out:  # an initializer that is also a graph input (old IR) can be fed: an input
             out[t.name] = _initializer_digest(t)
     for n in g.node:
-        attrs = b"".join(a.SerializeToString(deterministic=True) for a in sorted(n.attribute, key=lambda a: a.name))
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value" and n.output:  # a constant node and an initializer alike
+            out[n.output[0]] = _initializer_digest(n.attribute[0].t)
+            continue
+        if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in out and n.output:
+            out[n.output[0]] = out[n.input[0]]  # the same value (exporters spell shared weights so)
+            continue
+        attrs = b"".join(_attribute_bytes(a) for a in sorted(n.attribute, key=lambda a: a.name))
         ins = [out.get(i, _h("unknown", i)) if i else b"" for i in n.input]
         node = _h("node", n.op_type, n.domain, attrs, *ins)
         for k, o in enumerate(n.output):

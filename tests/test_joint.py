@@ -87,3 +87,21 @@ def test_not_merged_with_local_functions_or_other_inputs() -> None:
     other_input = chain()
     other_input.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 9
     assert joint(other_input, chain()) is None
+
+
+def test_identity_nodes_and_constant_nodes_digest_as_their_values() -> None:
+    """Exporters spell shared weights as Identity nodes and constants as Constant nodes; the tool's exact passes
+    turn them into initializers: the digests must not see the difference (else nothing downstream is shared)."""
+    plain = chain()
+    spelled = chain()
+    w0 = spelled.graph.initializer[0]
+    spelled.graph.node.insert(0, helper.make_node("Constant", [], ["c0"], value=w0))
+    spelled.graph.node.insert(1, helper.make_node("Identity", ["c0"], ["w0_alias"]))
+    spelled.graph.node[2].input[1] = "w0_alias"
+    del spelled.graph.initializer[0]
+    stored = chain()  # the same value stored in typed fields, not raw bytes
+    values = numpy_helper.to_array(stored.graph.initializer[1])
+    typed = helper.make_tensor("w1", TensorProto.FLOAT, values.shape, values.flatten().tolist())
+    stored.graph.initializer[1].CopyFrom(typed)
+    a, b, c = digests(plain), digests(spelled), digests(stored)
+    assert a["w0"] == b["w0_alias"] == b["c0"] and a["y"] == b["y"] == c["y"]
