@@ -19,12 +19,14 @@ implicitly) and models with local functions are not merged: ``joint`` returns No
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-PREFIX = "joint::"  # names of the second model's tensors that are kept apart
+PREFIX = "joint::"
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}  # names of the second model's tensors that are kept apart
 
 
 def _h(*parts: bytes | str) -> bytes:
@@ -67,16 +69,26 @@ def mergeable(model: onnx.ModelProto) -> bool:
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
 
 
-def digests(model: onnx.ModelProto) -> dict[str, bytes]:
+def _shape_digest(t: onnx.TensorProto) -> bytes:
+    """Digest of what a float constant can tell a tensor's shape: its type and dims (its values cannot, except
+    through data-dependent ops, whose inputs are integer tensors, digested by value)."""
+    return _h("float-const", str(t.data_type), str(list(t.dims)))
+
+
+def digests(model: onnx.ModelProto, values: bool = True) -> dict[str, bytes]:
     """The digest of every tensor of ``model``'s main graph (nodes in the file's order, which ONNX requires to be
-    topological; a tensor read before it is produced gets a digest of its name alone, so it matches nothing)."""
+    topological; a tensor read before it is produced gets a digest of its name alone, so it matches nothing).
+    ``values=False``: float initializers of more than 16 elements by type and dims only (``_shape_digest``):
+    equal digests then mean equal shapes and types, not equal values (a cache of shapes; cheap: no weights read)."""
     g = model.graph
     out: dict[str, bytes] = {}
     for i in g.input:
         out[i.name] = _h("input", i.name, i.type.SerializeToString(deterministic=True))
     for t in g.initializer:
-        if t.name not in out:  # an initializer that is also a graph input (old IR) can be fed: an input
-            out[t.name] = _initializer_digest(t)
+        if t.name in out:  # an initializer that is also a graph input (old IR) can be fed: an input
+            continue
+        big_float = t.data_type in _FLOATS and math.prod(t.dims) > 16
+        out[t.name] = _shape_digest(t) if big_float and not values else _initializer_digest(t)
     for n in g.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
                 and n.attribute[0].name == "value" and n.output:  # a constant node and an initializer alike

@@ -35,6 +35,7 @@ from onnx import helper
 
 from onnx_easier.data import InputSpec, input_specs
 from onnx_easier.errors import OnnxEasierError
+from onnx_easier.joint import digests
 from onnx_easier.model_io import inline_bytes, make_session, tensor_bytes, weightless
 
 _LOG = logging.getLogger(__name__)
@@ -125,10 +126,36 @@ def ort_value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueI
     return out
 
 
+_FOUND: dict[bytes, onnx.ValueInfoProto] = {}  # shape digest (joint.digests, values=False) -> what ORT read
+_FOUND_MAX = 50_000
+
+
 def fill_unknown(model: onnx.ModelProto, *, dims: bool = False) -> None:
     """Replace, in ``model``'s value_info, the entries of ``unknown_tensors(model, dims=dims)`` by what
-    ``ort_value_info`` reads for them (in place; nothing changes when the model cannot be run)."""
-    found = ort_value_info(model, unknown_tensors(model, dims=dims))
+    ``ort_value_info`` reads for them (in place; nothing changes when the model cannot be run). What ORT read is
+    remembered by the tensor's shape digest: the next model that computes a tensor from the same nodes, input
+    types and weight shapes (the search's next candidate, upstream of its change) runs nothing for it."""
+    names = unknown_tensors(model, dims=dims)
+    if not names:
+        return
+    keys = digests(model, values=False)
+    found, missing = [], []
+    for name in names:
+        hit = _FOUND.get(keys.get(name, b""))
+        if hit is None:
+            missing.append(name)
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(hit)
+        vi.name = name
+        found.append(vi)
+    fresh = ort_value_info(model, missing)
+    if len(_FOUND) + len(fresh) > _FOUND_MAX:
+        _FOUND.clear()
+    for vi in fresh:
+        if vi.name in keys:
+            _FOUND[keys[vi.name]] = vi
+    found += fresh
     if found:
         names = {vi.name for vi in found}
         kept = [vi for vi in model.graph.value_info if vi.name not in names]

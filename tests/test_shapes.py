@@ -104,3 +104,32 @@ def test_strict_failure_names_the_problem() -> None:
     good = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
     g (float[2, 3] x) => (float[2, 3] y) { y = Relu(x) }""")
     assert strict_failure(good) is None
+
+
+def test_what_ort_read_is_reused_for_tensors_computed_alike(monkeypatch) -> None:
+    """A second model computing the same tensors from the same nodes and weight shapes (other weight values, as
+    after a re-fit) runs nothing; one with another weight shape upstream runs again."""
+    import onnx_easier.shapes as sh
+
+    runs: list[list[str]] = []
+    real = sh.ort_value_info
+
+    def counted(model, names):
+        runs.append(list(names))
+        return real(model, names)
+
+    monkeypatch.setattr(sh, "ort_value_info", counted)
+    monkeypatch.setattr(sh, "_FOUND", {})
+    def hidden8(scale: float) -> onnx.ModelProto:  # weights of more than 16 elements: digested by shape
+        m = scaler_mlp()
+        m.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((4, 8), scale, np.float32), "w1"))
+        m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full((8, 2), scale, np.float32), "w2"))
+        return m
+
+    first = infer_shapes(hidden8(1.0))
+    second = infer_shapes(hidden8(3.0))  # other values, as after a re-fit
+    assert shapes(second) == shapes(first) == {"s": ["N", 4], "h": ["N", 8], "a": ["N", 8]}
+    assert [r for r in runs if r] == [["s", "h", "a"]]
+    third = infer_shapes(scaler_mlp())  # hidden 3: the Scaler's output is the same tensor, h and a are not
+    assert shapes(third) == {"s": ["N", 4], "h": ["N", 3], "a": ["N", 3]}
+    assert [r for r in runs if r] == [["s", "h", "a"], ["h", "a"]]
