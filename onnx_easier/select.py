@@ -165,6 +165,13 @@ def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str
     return Built(fused, reference, result, lin.changed, lin.notes)
 
 
+def _leftover(model: onnx.ModelProto, acts: Collection[Activation]) -> bool:
+    """Whether a node the linearization of ``acts`` made (passes/linearize.py names them after the activation)
+    is still in ``model`` after fusion."""
+    prefixes = tuple(f"{a.name}_linear_" for a in acts)
+    return any(n.name.startswith(prefixes) for n in model.graph.node)
+
+
 def kept_nodes(acts: list[Activation], removed: Collection[Activation] = ()) -> set[str]:
     """Node names of the activations in ``acts`` that are not in ``removed`` (they must stay intact)."""
     gone = {a.name for a in removed}
@@ -737,9 +744,10 @@ class Search:
         others = kept_nodes(remaining, cand.acts)
         built = linearize_and_fuse(current, list(cand.acts), self.mode, fits, others, self.checks)
         fallback = ""
-        if self.mode == "affine" and built.linearized == len(cand.acts):
+        if self.mode == "affine" and built.linearized == len(cand.acts) and _leftover(built.model, cand.acts):
             # an affine map that cannot fold (e.g. into an identity skip and a padded conv at once) stays as
-            # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b
+            # nodes of its own; the identity never does, and the re-fit of the consumers absorbs a and b (when
+            # every Mul/Add the linearization made was folded, the identity cannot do better: not built)
             try:  # unchecked: only compared; checked below if chosen
                 plain = linearize_and_fuse(current, list(cand.acts), "identity", None, others)
             except Exception:  # noqa: BLE001 - a pass that crashes: the fail-safe fusion finds and rolls it back
