@@ -429,3 +429,46 @@ def test_the_written_file_holding_the_measured_model_is_not_run_again(setup, mon
     figures = r.write(setup["dir"] / "out.onnx")
     assert figures["ok"] and not sessions and "measured on the held-out samples" in figures["note"]
     assert figures["value"] == r.report["fidelity"]["value"]
+
+
+def deep_mlp(nonlinear: int = 3, layers: int = 6, hidden: int = 32) -> onnx.ModelProto:
+    """x[N,16] -> ``layers`` x (Gemm -> Relu r<i>) -> Gemm 10. Every Relu is always ON (a large bias, removed by
+    the next layer's bias) except r<``nonlinear``>, whose zero-mean pre-activations make it a real nonlinearity."""
+    rng = np.random.default_rng(5)
+    nodes, inits, t, width = [], [], "x", 16
+    shift = 0.0
+    for i in range(layers):
+        w = rng.standard_normal((hidden, width)) / np.sqrt(width)
+        bias = 8.0 if i != nonlinear else 0.0
+        b = np.full(hidden, bias) - w.sum(1) * shift
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Gemm", [t, f"w{i}", f"b{i}"], [f"h{i}"], transB=1, name=f"fc{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"r{i}")]
+        t, width, shift = f"a{i}", hidden, bias
+    w = rng.standard_normal((10, hidden)) / np.sqrt(hidden)
+    inits += [numpy_helper.from_array(w.astype(np.float32), "wo"),
+              numpy_helper.from_array((-w.sum(1) * shift).astype(np.float32), "bo")]
+    nodes.append(helper.make_node("Gemm", [t, "wo", "bo"], ["y"], transB=1, name="out"))
+    g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_galloping_accepts_what_one_by_one_accepts_in_fewer_trials(tmp_path: Path, monkeypatch) -> None:
+    import onnx_easier.select as sel
+
+    m = tmp_path / "deep.onnx"
+    onnx.save(deep_mlp(), str(m))
+    d = tmp_path / "calib.npz"
+    np.savez(d, x=np.random.default_rng(3).standard_normal((400, 16)).astype(np.float32))
+    fast = optimize(m, d, tolerance=0.002, strategy="entropy", try_all=True, metric="rel-l2")
+    monkeypatch.setattr(sel, "MAX_CHUNK", 1)
+    slow = optimize(m, d, tolerance=0.002, strategy="entropy", try_all=True, metric="rel-l2")
+    lin = [{a["node"] for a in r.report["activations"] if a["action"] == "linearized"} for r in (fast, slow)]
+    assert lin[0] == lin[1] == {f"r{i}" for i in range(6) if i != 3}
+    trials = [r.report["search"]["entropy"]["trials"] for r in (fast, slow)]
+    assert len(trials[1]) == 6 and all(len(t["activations"]) == 1 for t in trials[1])
+    assert len(trials[0]) < len(trials[1])
+    assert any("candidates tried together" in t.get("note", "") for t in trials[0])
+    assert [t["activations"] for t in trials[0] if not t["accepted"]][-1] == ["r3"]
