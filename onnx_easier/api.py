@@ -11,7 +11,6 @@ Pipelines, written out:
 """
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import os
@@ -40,6 +39,7 @@ from onnx_easier.execution import CPU, Execution, resolve
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric
 from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
+from onnx_easier.memory import release
 from onnx_easier.model_io import (
     check_model,
     external_dir,
@@ -251,7 +251,7 @@ def _analyze(model: str | os.PathLike | onnx.ModelProto, data: DataSource, *, sa
     named = to_model(graph, proto)
     acts = find_activations(to_graph(infer_shapes(named)))
     del proto, graph
-    gc.collect()  # gs graphs are reference cycles holding model copies: freed before calibration, not after
+    release()  # gs graphs are reference cycles holding model copies: freed before calibration, not after
     if not acts:
         execution.session(named)  # calibration would not run ORT: check here that ORT can run the model at all
     if data is None or isinstance(data, (str, os.PathLike)):
@@ -595,7 +595,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     rtol = checks.rtol
     exact_model, exact_fusion = _checked_fusion(analysis, checks, pre)
     exact_model, err, fallback = _exact_or_input(analysis, exact_model, judge, rtol)
-    gc.collect()  # the fusion's gs graphs (reference cycles) hold model copies
+    release()  # the fusion's gs graphs (reference cycles) hold model copies
     if fallback:
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}

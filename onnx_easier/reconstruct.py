@@ -43,6 +43,7 @@ from onnx_easier.execution import CPU, Execution
 from onnx_easier.graph_utils import is_constant, single_consumer
 from onnx_easier.joint import digests, joint
 from onnx_easier.linear_math import ConvLayer, to_dense
+from onnx_easier.memory import release
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
 from onnx_easier.refit import RIDGES, RefitTooLarge, feature_count, fit_layer
@@ -392,6 +393,7 @@ def refit_layers(
             continue
         finally:
             del session, fit_pairs, check_pairs  # this layer's session is freed before the next one is made
+            release()
         seconds = time.perf_counter() - t0
         note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""
         records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),

@@ -36,7 +36,6 @@ result (measured latency; of two as fast, the shallower).
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import tempfile
@@ -67,6 +66,7 @@ from onnx_easier.fusion import FusionResult, fuse
 from onnx_easier.gain import Gain, GainModel
 from onnx_easier.graph_utils import is_constant
 from onnx_easier.joint import digests
+from onnx_easier.memory import release
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.base import PassResult
 from onnx_easier.passes.linearize import linearize
@@ -168,7 +168,7 @@ def linearize_and_fuse(model: onnx.ModelProto, acts: list[Activation], mode: str
     del reference.graph.value_info[:]
     fused, result = fuse_model(reference, model, protected, checks)
     del graph
-    gc.collect()  # gs graphs are reference cycles (nodes <-> tensors) holding model copies: 300 MB on ConvNeXt-T
+    release()  # gs graphs are reference cycles (nodes <-> tensors) holding model copies: 300 MB on ConvNeXt-T
     return Built(fused, reference, result, lin.changed, lin.notes)
 
 
@@ -735,7 +735,7 @@ class Search:
                 index = after
             size = min(2 * len(members), MAX_CHUNK) if accepted else (len(members) + 1) // 2
             model = None
-            gc.collect()  # the trial's gs graphs (re-fit, fusion checks) are reference cycles holding model copies
+            release()  # the trial's gs graphs (re-fit, fusion checks) are reference cycles holding model copies
             self._step(strategy, len(trials), candidates, index, done, line)
         return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried,
                             list(self.skipped))

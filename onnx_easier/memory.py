@@ -1,0 +1,35 @@
+"""Giving memory back to the operating system between the search's steps.
+
+Model copies (protobuf messages, onnx-graphsurgeon graphs: reference cycles) are freed by the garbage collector;
+what they held goes back to the C heap, where glibc keeps it unless asked: after the first large block it frees,
+glibc raises its mmap threshold, so later weights of a few MB come from the heap and stay in the process's
+resident set once freed. ``release`` collects the cycles and, on glibc, trims the heap (``malloc_trim(0)``):
+peak RSS then follows what is alive, not what once was.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import sys
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _trim():
+    """glibc's malloc_trim, or None (other C libraries, other systems)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release() -> None:
+    """Collect reference cycles, then return the C heap's free memory to the system where glibc allows it."""
+    gc.collect()
+    trim = _trim()
+    if trim is not None:
+        trim(0)

@@ -1,0 +1,30 @@
+"""memory.release: cycles collected and, on glibc, the heap's free memory returned."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+import pytest
+
+from onnx_easier.memory import _trim, release
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_heap_blocks_go_back_to_the_system() -> None:
+    assert _trim() is not None
+    # blocks just under glibc's raised mmap threshold come from the heap; freed, they stay resident until trimmed
+    big = np.empty(16 * 2**20, np.uint8)  # freeing a 16 MB mmap'ed block raises the threshold to 16 MB
+    big[:] = 1
+    del big
+    blocks = [np.ones(2**20 // 8) for _ in range(300)]  # 300 x 1 MB from the heap
+    blocks = blocks[-1:]  # the last one keeps the heap's top from shrinking by itself
+    before = _rss_mb()
+    release()
+    assert _rss_mb() < before - 100
+    del blocks
