@@ -207,7 +207,7 @@ class Targets:
     recently used tensors go first; a tensor that cannot fit even alone keeps the batches that did and recomputes
     the rest on every read. Its sessions, and those of the re-fits that read it, run on ``execution``."""
 
-    def __init__(self, original: onnx.ModelProto, max_bytes: int = 256 * 2**20, execution: Execution = CPU) -> None:
+    def __init__(self, original: onnx.ModelProto, max_bytes: int = 128 * 2**20, execution: Execution = CPU) -> None:
         self.original = original
         self.execution = execution
         self.max_bytes = max_bytes

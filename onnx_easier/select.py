@@ -633,6 +633,8 @@ class Search:
         tried = {c.names[0]: self.try_all or c.gain.any or c.names[0] in needed for c in singles}
         useful = [c for c in singles if tried[c.names[0]]]
         self.skipped = [(c.names, c.gain.reason()) for c in singles if not tried[c.names[0]]]
+        if self._gain_model:
+            self._gain_model = None  # every candidate's gain is memoized: its graph (the exact weights) is not held
         if strategy == "entropy":
             return useful
         grouped = {tuple(c.names) for c in groups}
