@@ -61,9 +61,9 @@ from onnx_easier.select import (
     kept_nodes,
     linearize_and_fuse,
     output_error,
+    permuted_split,
     run_batch,
     same_graph,
-    split_data,
 )
 from onnx_easier.shapes import infer_shapes
 
@@ -587,7 +587,9 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                                        deadline=deadline, execution=execution, warning=BIG_NOTE if big else None)
         if unchanged:
             return unchanged
-    fit, check, holdout = split_data(analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
+    # the parts are views of one reordered copy, which replaces the data as loaded: held once, not twice
+    analysis.data, (fit, check, holdout) = permuted_split(
+        analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
     batch = run_batch(analysis.model, holdout, choose_batch_size(  # the fidelity runs' and the re-fits' batch
         input_specs(analysis.model), holdout, max_batch=32, sample_bytes=activation_bytes(analysis.model, shapes)))
     judge = Judge(analysis.model, holdout, metric, tolerance, batch, execution)

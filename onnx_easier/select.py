@@ -36,6 +36,7 @@ result (measured latency; of two as fast, the shallower).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -275,25 +276,35 @@ def stats_keys(model: onnx.ModelProto, acts: list[Activation]) -> dict[str, tupl
 
 def split_data(data: CalibrationData, multiple: int = 1,
                seed: int = 0) -> tuple[CalibrationData, CalibrationData, CalibrationData]:
-    """(fit, check, holdout), drawn at random (seeded) so that data stored in any order (e.g. class by class) give
-    three parts alike: a quarter (at most MAX_HOLDOUT samples) measures fidelity; of the rest, a fifth decides
-    whether a re-fit is kept. Each part keeps the file's order and is a copy (one more copy of the data in all).
-    Fewer than 8 samples (8 batches): the three sets are the same (the report says how many samples each had).
-    ``multiple``: a model's fixed batch size; every part is then a whole number of batches (``samples % multiple``
-    samples are left out: ORT refuses a shorter batch)."""
+    """(fit, check, holdout): ``permuted_split``'s parts."""
+    return permuted_split(data, multiple, seed)[1]
+
+
+def permuted_split(data: CalibrationData, multiple: int = 1, seed: int = 0
+                   ) -> tuple[CalibrationData, tuple[CalibrationData, CalibrationData, CalibrationData]]:
+    """``data`` reordered (one copy) and its (fit, check, holdout) parts as views of that copy, drawn at random
+    (seeded) so that data stored in any order (e.g. class by class) give three parts alike: a quarter (at most
+    MAX_HOLDOUT samples) measures fidelity; of the rest, a fifth decides whether a re-fit is kept. Each part keeps
+    the file's order. The copy holds the fit, check and holdout samples in that order, then the samples left out:
+    the same samples as ``data``, which a caller may drop for it (the data is then held once, not twice).
+    Fewer than 8 samples (8 batches): the three sets are the same (the report says how many samples each had), and
+    ``data`` itself comes back. ``multiple``: a model's fixed batch size; every part is then a whole number of
+    batches (``samples % multiple`` samples are left out: ORT refuses a shorter batch)."""
     n = data.samples - data.samples % multiple if data.samples >= multiple else data.samples
     if n < 8 * multiple:
         whole = data.subset(0, n) if n < data.samples else data
-        return whole, whole, whole
+        return data, (whole, whole, whole)
 
     def down(k: int) -> int:  # at least one batch, whole batches
         return max(multiple, k - k % multiple)
 
     h = down(min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION))))
     c = down(max(1, (n - h) // 5))
-    order = np.random.default_rng(seed).permutation(data.samples)[:n]
-    parts = (order[h + c:], order[h:h + c], order[:h])
-    return tuple(data.take(np.sort(p)) for p in parts)  # type: ignore[return-value]
+    order = np.random.default_rng(seed).permutation(data.samples)
+    parts = (np.sort(order[h + c:n]), np.sort(order[h:h + c]), np.sort(order[:h]))
+    permuted = data.take(np.concatenate([*parts, np.sort(order[n:])]))
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    return permuted, tuple(permuted.subset(int(a), int(b)) for a, b in itertools.pairwise(bounds))  # type: ignore
 
 
 # ---------------------------------------------------------------------------------------------------------------
