@@ -762,11 +762,13 @@ def _check_distill(scope: str, seconds: float | None) -> None:
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
               judge: Judge, scope: str, seconds: float | None, seed: int, provider: str) -> Callable:
-    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection."""
+    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection. The
+    import of torch (a second or more) is charged to the distillation's time."""
+    t0 = time.perf_counter()
     from onnx_easier.distill import Recovery, torch_device
 
     return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
-                    scope=scope, seed=seed, device=torch_device(provider))
+                    scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0)
 
 
 def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelProto, fidelity: Fidelity,

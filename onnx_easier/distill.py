@@ -395,6 +395,7 @@ def distill(
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
 RECOVER_MIN_SECONDS = 4.0  # no distillation starts with less time left than this
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
+BUDGET_SHARE = 0.75  # without --distill-seconds, all distillation gets this share of the search's own time so far
 
 
 class Recovery:
@@ -403,18 +404,21 @@ class Recovery:
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
     distilled model (``model`` itself when the check samples showed no gain; None when not tried).
 
-    Time: ``seconds`` in all (None: at any moment as long as the search has taken so far, so that the search with
-    recovery costs about twice the search without at most; a candidate tried early may find no time yet), at most
-    ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
+    Time: ``seconds`` in all (None: at any moment ``BUDGET_SHARE`` of the time the search has taken so far, so that
+    a run with distillation costs less than twice the run without: the rest pays for judging the distilled candidates
+    again, torch's import and the chosen model's last check; a candidate tried early may find no time yet), at most
+    ``RECOVER_SHARE`` of it per candidate; ``spent``: seconds already charged (torch's import). Each distillation is
+    charged all its time, its setup (the torch/ORT comparison, the original's outputs) included. ``records`` keeps
+    one entry per distillation."""
 
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
-                 scope: str = "merged", seed: int = 0, device: str = "cpu") -> None:
+                 scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0) -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device = scope, seed, device
         self.started = time.perf_counter()
-        self.used = 0.0
+        self.used = spent
         self.records: list[DistillResult] = []
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
 
@@ -423,10 +427,11 @@ class Recovery:
         return max(0.0, self.budget() - self.used)
 
     def budget(self) -> float:
-        """The whole budget now: ``seconds``, or the search's own time so far (distillation excluded)."""
+        """The whole budget now: ``seconds``, or ``BUDGET_SHARE`` of the search's own time so far (distillation
+        excluded)."""
         if self.seconds is not None:
             return self.seconds
-        return time.perf_counter() - self.started - self.used
+        return BUDGET_SHARE * (time.perf_counter() - self.started - self.used)
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
         if not loss <= RECOVER_FACTOR * self.tolerance:

@@ -19,7 +19,7 @@ from test_select import mlp
 
 from onnx_easier.cli import main
 from onnx_easier.data import CalibrationData
-from onnx_easier.distill import Recovery, distill, trainable
+from onnx_easier.distill import BUDGET_SHARE, Recovery, distill, trainable
 from onnx_easier.model_io import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,18 @@ def test_recovery_tries_close_candidates_within_its_budget() -> None:
     assert 0 < rec.used <= 20 and rec.left() == pytest.approx(20 - rec.used)
     rec.used = 19.0
     assert rec(student, 0.02) is None and len(rec.records) == 2
+
+
+def test_recovery_default_budget_is_a_share_of_the_search_time() -> None:
+    """Without ``seconds`` the budget is BUDGET_SHARE of the search's own time so far (distillation and the charged
+    import excluded), so a run with distillation stays within twice the run without."""
+    original = mlp(bias1=1.0, hidden=32)
+    rec = Recovery(original, original, data(64), data(32, seed=4), tolerance=0.01, metric=None, seconds=None,
+                   spent=1.0)
+    assert rec.left() == 0.0 and rec(damaged(original, "w3"), 0.02) is None  # no search time yet: nothing
+    rec.started -= 11.0  # the search has run 11 s, 1 s of it the charged import
+    assert rec.budget() == pytest.approx(BUDGET_SHARE * 10.0, abs=0.05)
+    assert rec.left() == pytest.approx(BUDGET_SHARE * 10.0 - 1.0, abs=0.05)
 
 
 @pytest.fixture()

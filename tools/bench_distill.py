@@ -66,7 +66,7 @@ def sweep(name: str, models_dir: Path, tolerances: Sequence[float], scope: str, 
                     "linearized": sum(a["action"] == "linearized" for a in acts), "activations": len(acts),
                     "compute_nodes": rep["after"]["compute_nodes"], "fidelity": rep["fidelity"]["value"],
                     "accuracy_loss": case.accuracy - acc, "latency_ratio": rep["latency_ms"]["ratio"],
-                    "wall_s": wall, "cpu_s": cpu, "report": rep.get("distill"),
+                    "wall_s": wall, "cpu_s": cpu, "phases": rep.get("phases"), "report": rep.get("distill"),
                 })
     return {"model": name, "test_accuracy": case.accuracy, "test_samples": len(case.y_test), "points": points}
 
