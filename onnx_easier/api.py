@@ -310,7 +310,7 @@ def optimize(
     ``distill`` (budget mode, needs torch): a candidate that fails the budget by at most 2.5x is distilled to the
     original and judged again (distill.Recovery), and the chosen model is distilled once more, kept only if its
     fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers (default)
-    or ``all``; ``distill_seconds``: the time for all of it (None: as long as the search takes).
+    or ``all``; ``distill_seconds``: the time for all of it (None: 0.6 of the search's own time, distill.BUDGET_SHARE).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """

@@ -395,7 +395,7 @@ def distill(
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
 RECOVER_MIN_SECONDS = 4.0  # no distillation starts with less time left than this
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
-BUDGET_SHARE = 0.75  # without --distill-seconds, all distillation gets this share of the search's own time so far
+BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the search's own time so far
 
 
 class Recovery:

@@ -125,6 +125,29 @@ def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
     assert r.model is student and r.steps == 0 and "Celu" in r.note
 
 
+def test_distill_runs_torch_on_one_cpu_thread_and_restores_it(monkeypatch) -> None:
+    """On CPU torch trains with CPU_THREADS threads (small layers: more threads only synchronise); the caller's
+    setting is back afterwards."""
+    import onnx_easier.distill as D
+
+    seen = []
+    check = D.check_against_ort
+
+    def spy(*args: object) -> str | None:
+        seen.append(torch.get_num_threads())
+        return check(*args)
+
+    monkeypatch.setattr(D, "check_against_ort", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        original = mlp(bias1=1.0, hidden=32)
+        distill(original, damaged(original, "w3"), data(64), data(32, seed=4), seconds=5, steps=5)
+        assert seen == [D.CPU_THREADS] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_recovery_tries_close_candidates_within_its_budget() -> None:
     """A loss far over the tolerance is not tried; a close one is distilled (the original's outputs computed once
     for all candidates); no time left, nothing."""
@@ -186,6 +209,25 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys) -> None:
         assert d["scope"] == "merged" and d["seconds"] < 20
         assert report["fidelity"]["value"] == pytest.approx(d["after"] if d["kept"] else d["before"])
     capsys.readouterr()
+
+
+def test_cli_distill_is_deterministic_for_a_seed(setup) -> None:
+    """Two runs with the same --seed and a budget that does not cut the training write the same weights; the
+    distillations (of the candidate in the search, of the chosen model if any) give the same figures."""
+    runs = []
+    for i in range(2):
+        out, rep = setup["dir"] / f"out{i}.onnx", setup["dir"] / f"r{i}.json"
+        args = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.03",
+                "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "60", "--seed", "1"]
+        assert main([str(a) for a in args]) == 0
+        runs.append((values(onnx.load(str(out))), json.loads(rep.read_text())))
+    (a, ra), (b, rb) = runs
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    timeless = lambda d: {k: timeless(v) if isinstance(v, dict) else v for k, v in d.items() if k != "seconds"}
+    da, db = timeless(ra["distill"]), timeless(rb["distill"])
+    assert not da.get("cut_by_time") and da == db and da["search"]["distilled"] == 1
+    ta, tb = ra["search"]["entropy"]["trials"][0], rb["search"]["entropy"]["trials"][0]
+    assert "distill" in ta and ta["distill"] == tb["distill"] and ta["fidelity"] == tb["fidelity"]
 
 
 def test_cli_distill_without_torch_exits_2(setup, capsys, monkeypatch) -> None:
