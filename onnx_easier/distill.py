@@ -418,6 +418,7 @@ class Recovery:
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device = scope, seed, device
         self.started = time.perf_counter()
+        self.spent = spent  # charged before the search started (torch's import): not to come off the search's time
         self.used = spent
         self.records: list[DistillResult] = []
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
@@ -431,7 +432,7 @@ class Recovery:
         excluded)."""
         if self.seconds is not None:
             return self.seconds
-        return BUDGET_SHARE * (time.perf_counter() - self.started - self.used)
+        return BUDGET_SHARE * (time.perf_counter() - self.started - (self.used - self.spent))
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
         if not loss <= RECOVER_FACTOR * self.tolerance:

@@ -172,9 +172,11 @@ def test_recovery_default_budget_is_a_share_of_the_search_time() -> None:
     rec = Recovery(original, original, data(64), data(32, seed=4), tolerance=0.01, metric=None, seconds=None,
                    spent=1.0)
     assert rec.left() == 0.0 and rec(damaged(original, "w3"), 0.02) is None  # no search time yet: nothing
-    rec.started -= 11.0  # the search has run 11 s, 1 s of it the charged import
-    assert rec.budget() == pytest.approx(BUDGET_SHARE * 10.0, abs=0.05)
-    assert rec.left() == pytest.approx(BUDGET_SHARE * 10.0 - 1.0, abs=0.05)
+    rec.started -= 11.0  # the search has run 11 s (the import, charged, came before it)
+    assert rec.budget() == pytest.approx(BUDGET_SHARE * 11.0, abs=0.05)
+    assert rec.left() == pytest.approx(BUDGET_SHARE * 11.0 - 1.0, abs=0.05)
+    rec.used += 2.0  # a distillation of 2 s: not search time, and charged
+    assert rec.left() == pytest.approx(BUDGET_SHARE * 9.0 - 3.0, abs=0.05)
 
 
 @pytest.fixture()
@@ -249,3 +251,13 @@ def test_torch_stays_optional() -> None:
     assert torch_test in meta["optional-dependencies"]["distill"]
     code = "import sys, onnx_easier.cli, onnx_easier.api; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT).returncode == 0
+
+
+def test_readme_states_the_budget_and_threads_of_the_code() -> None:
+    """The README's "Distillation" section gives the code's default budget share and its CPU thread count."""
+    import onnx_easier.distill as D
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"by default, at any moment {D.BUDGET_SHARE:g} of the time the search itself has taken" in readme
+    assert D.CPU_THREADS == 1 and "On CPU torch runs on one thread while distilling" in readme
+    assert f"(default: {D.BUDGET_SHARE:g} of the search's own time)" in readme
