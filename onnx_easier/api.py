@@ -310,7 +310,7 @@ def optimize(
     ``distill`` (budget mode, needs torch): a candidate that fails the budget by at most 2.5x is distilled to the
     original and judged again (distill.Recovery), and the chosen model is distilled once more, kept only if its
     fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers (default)
-    or ``all``; ``distill_seconds``: the time for all of it (None: as long as the search takes).
+    or ``all``; ``distill_seconds``: the time for all of it (None: 0.6 of the search's own time, distill.BUDGET_SHARE).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """
@@ -764,11 +764,13 @@ def _check_distill(scope: str, seconds: float | None) -> None:
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
               judge: Judge, scope: str, seconds: float | None, seed: int, provider: str) -> Callable:
-    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection."""
+    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection. The
+    import of torch (a second or more) is charged to the distillation's time."""
+    t0 = time.perf_counter()
     from onnx_easier.distill import Recovery, torch_device
 
     return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
-                    scope=scope, seed=seed, device=torch_device(provider))
+                    scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0)
 
 
 def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelProto, fidelity: Fidelity,

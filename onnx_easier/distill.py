@@ -25,7 +25,10 @@ drawn in a seeded order). The loss on the check samples is measured after ``WARM
 weights, the step was too large for this model: the weights are reset and the schedule starts again at lr / 3
 (down to 1e-5; measured, the best rate was 3e-4 on the MobileNetV2 digits model and 3e-5 on the GELU token
 model). ``seconds`` caps the wall time; within it the result depends on the seed alone (``cut_by_time`` in the
-report says when the cap stopped it). ``mixup`` (off by default: it made the held-out loss worse on both digits
+report says when the cap stopped it). On CPU torch runs with ``CPU_THREADS`` = 1 thread while distilling (restored
+after): the layers of the example models are small, and two threads took 1.5 to 9 times as long as one on a busy
+2-core machine (300 steps of mobilenetv2_digits: 49-69 s against 7-8 s; 131 steps of ffn_digits, the first
+distillation in the process: 10.5 s against 1.3 s), with ORT's own threads beside them. ``mixup`` (off by default: it made the held-out loss worse on both digits
 models measured) trains half the batches on float inputs mixed with another batch's, labelled by the teacher.
 """
 from __future__ import annotations
@@ -61,6 +64,7 @@ WARMUP = 5  # steps before the first evaluation (too large a rate shows there)
 EVALS = 10  # evaluations on the check samples over the planned steps
 PATIENCE = 4  # evaluations without a gain before stopping
 MIX_SHARE = 0.5  # share of the training batches whose float inputs are mixed with another batch's (mixup)
+CPU_THREADS = 1  # torch's threads while distilling on CPU (module doc: measured faster than 2 on the example models)
 CHECK_FEEDS = 2  # check batches on which torch execution is compared with ORT's before training
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -198,24 +202,28 @@ class _Loss:
         return total
 
 
-def _float32_exact(fn: Callable[..., DistillResult]) -> Callable[..., DistillResult]:
-    """On CUDA, torch computes float32 matmuls and convolutions in TF32 by default (a 10-bit mantissa: relative
-    errors near 4e-4 on models/mobilenetv2_digits.onnx, which the comparison with ORT rightly refuses): off while
-    ``fn`` runs, restored after."""
+def _torch_settings(fn: Callable[..., DistillResult]) -> Callable[..., DistillResult]:
+    """While ``fn`` runs, restored after: TF32 off (on CUDA, torch computes float32 matmuls and convolutions in TF32
+    by default, a 10-bit mantissa: relative errors near 4e-4 on models/mobilenetv2_digits.onnx, which the comparison
+    with ORT rightly refuses); on CPU, ``CPU_THREADS`` torch threads (module doc)."""
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> DistillResult:
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        threads = torch.get_num_threads()
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        if kwargs.get("device", "cpu") == "cpu":
+            torch.set_num_threads(CPU_THREADS)
         try:
             return fn(*args, **kwargs)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            torch.set_num_threads(threads)
 
     return run
 
 
-@_float32_exact
+@_torch_settings
 def distill(
     original: onnx.ModelProto,
     optimized: onnx.ModelProto,
@@ -387,6 +395,7 @@ def distill(
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
 RECOVER_MIN_SECONDS = 4.0  # no distillation starts with less time left than this
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
+BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the search's own time so far
 
 
 class Recovery:
@@ -395,18 +404,22 @@ class Recovery:
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
     distilled model (``model`` itself when the check samples showed no gain; None when not tried).
 
-    Time: ``seconds`` in all (None: at any moment as long as the search has taken so far, so that the search with
-    recovery costs about twice the search without at most; a candidate tried early may find no time yet), at most
-    ``RECOVER_SHARE`` of it per candidate. ``records`` keeps one entry per distillation."""
+    Time: ``seconds`` in all (None: at any moment ``BUDGET_SHARE`` of the time the search has taken so far, so that
+    a run with distillation costs less than twice the run without: the rest pays for judging the distilled candidates
+    again, torch's import and the chosen model's last check; a candidate tried early may find no time yet), at most
+    ``RECOVER_SHARE`` of it per candidate; ``spent``: seconds already charged (torch's import). Each distillation is
+    charged all its time, its setup (the torch/ORT comparison, the original's outputs) included. ``records`` keeps
+    one entry per distillation."""
 
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
-                 scope: str = "merged", seed: int = 0, device: str = "cpu") -> None:
+                 scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0) -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device = scope, seed, device
         self.started = time.perf_counter()
-        self.used = 0.0
+        self.spent = spent  # charged before the search started (torch's import): not to come off the search's time
+        self.used = spent
         self.records: list[DistillResult] = []
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
 
@@ -415,10 +428,11 @@ class Recovery:
         return max(0.0, self.budget() - self.used)
 
     def budget(self) -> float:
-        """The whole budget now: ``seconds``, or the search's own time so far (distillation excluded)."""
+        """The whole budget now: ``seconds``, or ``BUDGET_SHARE`` of the search's own time so far (distillation
+        excluded)."""
         if self.seconds is not None:
             return self.seconds
-        return time.perf_counter() - self.started - self.used
+        return BUDGET_SHARE * (time.perf_counter() - self.started - (self.used - self.spent))
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
         if not loss <= RECOVER_FACTOR * self.tolerance:

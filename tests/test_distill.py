@@ -19,7 +19,7 @@ from test_select import mlp
 
 from onnx_easier.cli import main
 from onnx_easier.data import CalibrationData
-from onnx_easier.distill import Recovery, distill, trainable
+from onnx_easier.distill import BUDGET_SHARE, Recovery, distill, trainable
 from onnx_easier.model_io import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,29 @@ def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
     assert r.model is student and r.steps == 0 and "Celu" in r.note
 
 
+def test_distill_runs_torch_on_one_cpu_thread_and_restores_it(monkeypatch) -> None:
+    """On CPU torch trains with CPU_THREADS threads (small layers: more threads only synchronise); the caller's
+    setting is back afterwards."""
+    import onnx_easier.distill as D
+
+    seen = []
+    check = D.check_against_ort
+
+    def spy(*args: object) -> str | None:
+        seen.append(torch.get_num_threads())
+        return check(*args)
+
+    monkeypatch.setattr(D, "check_against_ort", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        original = mlp(bias1=1.0, hidden=32)
+        distill(original, damaged(original, "w3"), data(64), data(32, seed=4), seconds=5, steps=5)
+        assert seen == [D.CPU_THREADS] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_recovery_tries_close_candidates_within_its_budget() -> None:
     """A loss far over the tolerance is not tried; a close one is distilled (the original's outputs computed once
     for all candidates); no time left, nothing."""
@@ -140,6 +163,20 @@ def test_recovery_tries_close_candidates_within_its_budget() -> None:
     assert 0 < rec.used <= 20 and rec.left() == pytest.approx(20 - rec.used)
     rec.used = 19.0
     assert rec(student, 0.02) is None and len(rec.records) == 2
+
+
+def test_recovery_default_budget_is_a_share_of_the_search_time() -> None:
+    """Without ``seconds`` the budget is BUDGET_SHARE of the search's own time so far (distillation and the charged
+    import excluded), so a run with distillation stays within twice the run without."""
+    original = mlp(bias1=1.0, hidden=32)
+    rec = Recovery(original, original, data(64), data(32, seed=4), tolerance=0.01, metric=None, seconds=None,
+                   spent=1.0)
+    assert rec.left() == 0.0 and rec(damaged(original, "w3"), 0.02) is None  # no search time yet: nothing
+    rec.started -= 11.0  # the search has run 11 s (the import, charged, came before it)
+    assert rec.budget() == pytest.approx(BUDGET_SHARE * 11.0, abs=0.05)
+    assert rec.left() == pytest.approx(BUDGET_SHARE * 11.0 - 1.0, abs=0.05)
+    rec.used += 2.0  # a distillation of 2 s: not search time, and charged
+    assert rec.left() == pytest.approx(BUDGET_SHARE * 9.0 - 3.0, abs=0.05)
 
 
 @pytest.fixture()
@@ -176,6 +213,25 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys) -> None:
     capsys.readouterr()
 
 
+def test_cli_distill_is_deterministic_for_a_seed(setup) -> None:
+    """Two runs with the same --seed and a budget that does not cut the training write the same weights; the
+    distillations (of the candidate in the search, of the chosen model if any) give the same figures."""
+    runs = []
+    for i in range(2):
+        out, rep = setup["dir"] / f"out{i}.onnx", setup["dir"] / f"r{i}.json"
+        args = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.03",
+                "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "60", "--seed", "1"]
+        assert main([str(a) for a in args]) == 0
+        runs.append((values(onnx.load(str(out))), json.loads(rep.read_text())))
+    (a, ra), (b, rb) = runs
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    timeless = lambda d: {k: timeless(v) if isinstance(v, dict) else v for k, v in d.items() if k != "seconds"}
+    da, db = timeless(ra["distill"]), timeless(rb["distill"])
+    assert not da.get("cut_by_time") and da == db and da["search"]["distilled"] == 1
+    ta, tb = ra["search"]["entropy"]["trials"][0], rb["search"]["entropy"]["trials"][0]
+    assert "distill" in ta and ta["distill"] == tb["distill"] and ta["fidelity"] == tb["fidelity"]
+
+
 def test_cli_distill_without_torch_exits_2(setup, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # importlib.util.find_spec("torch") is then None
     out = setup["dir"] / "out.onnx"
@@ -195,3 +251,13 @@ def test_torch_stays_optional() -> None:
     assert torch_test in meta["optional-dependencies"]["distill"]
     code = "import sys, onnx_easier.cli, onnx_easier.api; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT).returncode == 0
+
+
+def test_readme_states_the_budget_and_threads_of_the_code() -> None:
+    """The README's "Distillation" section gives the code's default budget share and its CPU thread count."""
+    import onnx_easier.distill as D
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"by default, at any moment {D.BUDGET_SHARE:g} of the time the search itself has taken" in readme
+    assert D.CPU_THREADS == 1 and "On CPU torch runs on one thread while distilling" in readme
+    assert f"(default: {D.BUDGET_SHARE:g} of the search's own time)" in readme
