@@ -544,3 +544,17 @@ def test_random_chains_stay_exact(data) -> None:
     out, _, _ = apply(model, cleanup.run, fuse_chains.run)
     assert_same(model, out, feeds(model, dim=9))
     assert len(out.graph.node) <= len(model.graph.node) + 1
+
+
+def test_a_bias_shared_with_another_layer_does_not_block() -> None:
+    """Exporters and constant merging share equal vectors (every zero bias of a fresh network) between unrelated
+    layers: the chain still fuses, the other reader keeps the old constant, and the outputs stay exact."""
+    net = Net()
+    x = net.input("x", ["N", 4, 5, 5])
+    bias = net.weight(4)
+    a = net.node("Conv", x, net.weight(4, 4, 1, 1), bias)
+    b = net.node("Conv", a, net.weight(2, 4, 1, 1))
+    c = net.node("Conv", x, net.weight(4, 4, 1, 1), bias)  # another reader of the bias
+    net.output(b, c)
+    out, notes, _ = fused(net)
+    assert ops(out).count("Conv") == 2, notes

@@ -11,8 +11,9 @@ more elements may become one layer only when
 
 - ``linear_math.compose([L_i..L_j], in_spatial)`` is exact (it states why not otherwise: the border condition of a
   padded later layer, a constant term that varies across positions without a known input size, ...);
-- its weights are read by no node outside the segment (``shared_weight``) and none is a graph input (those are not
-  constants at all: the user may feed them);
+- its weights are read by no node outside the segment (``shared_weight``; vectors may be: the rewrite leaves the
+  old constants to their other readers) and none is a graph input (those are not constants at all: the user may
+  feed them);
 - what would be emitted costs no more MACs than the elements it replaces: ``conv_macs`` at the real output size
   (static shapes from shape inference; with symbolic spatial sizes the positions are counted relative to the chain's
   input, ``1 / prod(strides so far)``), per-channel affines ``C * positions``, a bias map adds ``C * positions``;
@@ -206,7 +207,7 @@ def _check(items: list[Sized]) -> _Segment | str:
     label = "+".join(n for e in elements for n in e.names)
     if elements[0].kind == "reshape" or elements[-1].kind == "reshape":
         return f"{label}: a Flatten/Reshape is fused only from inside a segment"
-    reason = shared_weight(elements)
+    reason = shared_weight(elements, vectors_ok=True)  # the rewrite emits new constants (``emit``)
     if reason:
         return f"{label}: {reason}"
     layout = elements[0].layout

@@ -553,11 +553,18 @@ _RECOGNISERS = {
 }
 
 
-def shared_weight(elements: list[Element]) -> str | None:
-    """Why the elements cannot be replaced together: a weight also read by a node outside them; None if fine."""
+def shared_weight(elements: list[Element], vectors_ok: bool = False) -> str | None:
+    """Why the elements cannot be replaced together: a weight also read by a node outside them; None if fine.
+
+    ``vectors_ok``: a shared weight of rank 0 or 1 (a bias, a per-channel scale) does not stop a rewrite that emits
+    new constants and leaves the old ones to their other readers: exporters and constant merging share equal
+    vectors between unrelated layers (every zero bias of a freshly initialised network), and a copy of a vector
+    costs nothing. A shared matrix (tied weights) still does: the fused layer would add a copy of it."""
     inside = {id(n) for e in elements for n in e.nodes}
     for e in elements:
         for w in e.weights:
+            if vectors_ok and w.shape is not None and len(w.shape) <= 1:
+                continue
             for reader in consumers(w):
                 if id(reader) not in inside:
                     return f"weight {w.name!r} of {e.nodes[-1].name!r} is also read by {reader.name!r}"
