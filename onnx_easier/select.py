@@ -19,10 +19,12 @@ Pipeline of one search (``search``), starting from the exact-fused original ``M_
         one failure does not end the search; ``max_remove`` caps the count.
 
 Galloping (``gallop``, default): after an acceptance the next trial takes the next 2x as many candidates together
-(at most MAX_CHUNK), one linearize + fuse + re-fit + fidelity run for all; a rejected group is tried again from its
-first candidate with half as many (rounded up); a rejected single is passed. Where the loss grows with each linearization (the
-greedy search's own premise), this accepts what one-by-one trials accept, in fewer trials when most candidates
-pass (a 12-block ViT: 4 trials instead of 12); each rejection costs up to log2(MAX_CHUNK) trials more.
+(at most MAX_CHUNK), one linearize + fuse + re-fit + fidelity run for all; a rejected group is bisected: tried
+again from its first candidate with half as many (rounded up), and after an accepted half, half of what is left
+of the group (the failing candidate is there), until a single is rejected, passed, and galloping starts again at 1.
+Where the loss grows with each linearization (the greedy search's own premise), this accepts what one-by-one trials
+accept, in fewer trials when most candidates pass (a 12-block ViT: 4 trials instead of 12); each rejection costs up
+to log2(MAX_CHUNK) trials more.
 
 Data split: the last ``holdout`` samples measure fidelity and are never used to fit anything; of the others, the
 last fifth decides whether each re-fit is kept and the rest fit (affine statistics and normal equations).
@@ -702,13 +704,18 @@ class Search:
         untried = 0
         self._step(strategy, 0, candidates, 0, done, f"{strategy} search: {len(candidates)} candidates")
         index, size = 0, 1
+        limit: int | None = None  # end of the last rejected group: a failing candidate lies before it (bisection)
         while index < len(candidates):
             if self.deadline is not None and time.perf_counter() >= self.deadline:
                 untried = sum(1 for c in candidates[index:] if self._eligible(c, done))
                 log.warning("time limit reached: the %s search stops with %d candidates untried", strategy, untried)
                 break
-            members, after = self._chunk(candidates, index, done, size if self.gallop else 1)
+            members, after = self._chunk(candidates[:limit] if limit is not None else candidates, index, done,
+                                         size if self.gallop else 1)
             if not members:
+                if limit is not None:  # nothing eligible left before the limit: gallop on past it
+                    limit, size = None, 1
+                    continue
                 break
             cand = members[0] if len(members) == 1 else Candidate(
                 tuple(a for c in members for a in c.acts), float(np.mean([c.entropy for c in members])),
@@ -746,7 +753,14 @@ class Search:
             # tried again from its first candidate with half as many; a rejected single is passed
             if accepted or len(members) == 1:
                 index = after
-            size = min(2 * len(members), MAX_CHUNK) if accepted else (len(members) + 1) // 2
+            if not accepted and len(members) > 1:  # a failing candidate among them: bisect this group
+                limit, size = after, (len(members) + 1) // 2
+            elif not accepted:  # the failing one, found: gallop again after it
+                limit, size = None, 1
+            elif limit is not None and index < limit:  # the failure is in the rest of the group: its first half
+                size = max(1, (sum(1 for c in candidates[index:limit] if self._eligible(c, done)) + 1) // 2)
+            else:
+                limit, size = None, min(2 * len(members), MAX_CHUNK)
             model = None
             release()  # the trial's gs graphs (re-fit, fusion checks) are reference cycles holding model copies
             self._step(strategy, len(trials), candidates, index, done, line)

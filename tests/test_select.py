@@ -300,8 +300,10 @@ def test_choose_prefers_shallowest_among_equally_fast() -> None:
 
 def test_auto_runs_one_search_when_no_group_holds_several_activations(tmp_path: Path) -> None:
     """A model whose merge candidates are single activations: ``entropy`` would try the same candidates in
-    another order, so ``auto`` runs ``merge`` alone and says why the other did not run."""
+    another order, so ``auto`` runs ``merge`` alone and says why the other did not run. (a2 is also a graph output:
+    otherwise linearizing k2 and r2 together folds both residual branches and fc3 into one Gemm, a group.)"""
     m = residual_mlp()
+    m.graph.output.append(helper.make_tensor_value_info("a2", TensorProto.FLOAT, ["N", 32]))
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(1).standard_normal((400, 16)).astype(np.float32))
     r = optimize(m, data, tolerance=0.05, strategy="auto", try_all=True)
