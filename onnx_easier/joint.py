@@ -44,12 +44,17 @@ def _initializer_digest(t: onnx.TensorProto) -> bytes:
     try:
         value = numpy_helper.to_array(t)
     except Exception:  # noqa: BLE001 - external data not loaded, unusual types: its stored form identifies it
-        copy = onnx.TensorProto()
-        copy.CopyFrom(t)
-        copy.name = ""
-        copy.ClearField("doc_string")
-        return _h("const-proto", copy.SerializeToString(deterministic=True))
+        return _h("const-proto", _anonymous(t).SerializeToString(deterministic=True))
     return _h("const", str(t.data_type), str(value.shape), np.ascontiguousarray(value).tobytes())
+
+
+def _anonymous(t: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of ``t`` without its name and doc string (what a digest must not see)."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(t)
+    copy.name = ""
+    copy.ClearField("doc_string")
+    return copy
 
 
 def _attribute_bytes(a: onnx.AttributeProto) -> bytes:
@@ -58,8 +63,7 @@ def _attribute_bytes(a: onnx.AttributeProto) -> bytes:
     copy.CopyFrom(a)
     copy.ClearField("doc_string")
     if copy.HasField("t"):
-        copy.t.name = ""
-        copy.t.ClearField("doc_string")
+        copy.t.CopyFrom(_anonymous(copy.t))
     return copy.SerializeToString(deterministic=True)
 
 

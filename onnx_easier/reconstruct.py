@@ -378,9 +378,9 @@ def refit_layers(
         t0 = time.perf_counter()
         head = softmax_head and _is_head(site, model)
         rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
-        session = _Reader(model, targets, site, [fit, check], batch)  # the current model, cut: both passes
-        fit_pairs = _pairs(session, fit)
-        check_pairs = _pairs(session, check)
+        reader = _Reader(model, targets, site, [fit, check], batch)  # the current model, cut: both passes
+        fit_pairs = _pairs(reader, fit)
+        check_pairs = _pairs(reader, check)
         if head:
             fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
         try:
@@ -392,7 +392,7 @@ def refit_layers(
             records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
             continue
         finally:
-            del session, fit_pairs, check_pairs  # this layer's session is freed before the next one is made
+            del reader, fit_pairs, check_pairs  # this layer's session is freed before the next one is made
             release()
         seconds = time.perf_counter() - t0
         note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""

@@ -710,8 +710,7 @@ class Search:
                 untried = sum(1 for c in candidates[index:] if self._eligible(c, done))
                 log.warning("time limit reached: the %s search stops with %d candidates untried", strategy, untried)
                 break
-            members, after = self._chunk(candidates[:limit] if limit is not None else candidates, index, done,
-                                         size if self.gallop else 1)
+            members, after = self._chunk(candidates, index, done, size if self.gallop else 1, limit)
             if not members:
                 if limit is not None:  # nothing eligible left before the limit: gallop on past it
                     limit, size = None, 1
@@ -767,21 +766,20 @@ class Search:
         return SearchResult(strategy, current, done, trials, best, time.perf_counter() - t_start, untried,
                             list(self.skipped))
 
-    def _chunk(self, candidates: list[Candidate], index: int, done: list[str],
-               size: int) -> tuple[list[Candidate], int]:
-        """Up to ``size`` candidates from ``index`` on that can be tried together once ``done`` are linearized
+    def _chunk(self, candidates: list[Candidate], index: int, done: list[str], size: int,
+               stop: int | None = None) -> tuple[list[Candidate], int]:
+        """Up to ``size`` candidates in ``[index, stop)`` that can be tried together once ``done`` are linearized
         (each eligible with the others taken), and the index after the last one."""
+        end = len(candidates) if stop is None else min(stop, len(candidates))
         members: list[Candidate] = []
         taken = list(done)
         i = index
-        while i < len(candidates) and len(members) < size:
+        while i < end and len(members) < size:
             if self._eligible(candidates[i], taken):
                 members.append(candidates[i])
                 taken.extend(candidates[i].names)
-            elif not members:
-                index = i + 1
             i += 1
-        return members, (i if members else len(candidates))
+        return members, (i if members else end)
 
     def _eligible(self, cand: Candidate, done: list[str]) -> bool:
         """Whether ``cand`` can still be tried once ``done`` are linearized (max_remove, no overlap)."""
