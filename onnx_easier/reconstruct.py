@@ -46,7 +46,7 @@ from onnx_easier.linear_math import ConvLayer, to_dense
 from onnx_easier.memory import release
 from onnx_easier.model_io import to_graph, to_model
 from onnx_easier.passes.fuse_common import recognise
-from onnx_easier.refit import RIDGES, RefitTooLarge, feature_count, fit_layer
+from onnx_easier.refit import RIDGES, NormalEquations, RefitTooLarge, choose_fit, feature_count
 from onnx_easier.shapes import infer_shapes
 from onnx_easier.softmax_fit import fit_softmax
 
@@ -63,6 +63,7 @@ MIN_SAMPLES = 64
 MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re-fitted only from this many rows
 MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
+PASS_BYTES = 512 * 2**20  # normal equations (fit + check) of the layers read in one pass
 
 
 @dataclass
@@ -246,9 +247,10 @@ class Targets:
         """Free the session of the last tensor's cut model (the batches computed stay cached)."""
         self._session = None
 
-    def _session_for(self, name: str) -> ort.InferenceSession:
-        if self._session is None or self._session[0] != name:
-            self._session = (name, self.execution.session(upstream(self.original, [name])))
+    def _session_for(self, names: tuple[str, ...]) -> ort.InferenceSession:
+        if self._session is None or self._session[0] != names:
+            self._session = None  # the previous cut's session is freed before the next one is made
+            self._session = (names, self.execution.session(upstream(self.original, list(names))))
         return self._session[1]
 
     def _room(self, key: tuple[str, int, int], size: int) -> bool:
@@ -263,70 +265,153 @@ class Targets:
         return self._bytes + size <= self.max_bytes
 
     def batches(self, name: str, data: CalibrationData, batch: int) -> Iterator[np.ndarray]:
-        key = (name, id(data), batch)
-        entry = self._store.pop(key, (data, []))
-        self._store[key] = entry  # most recently used last
-        kept = entry[1]
-        prefix = list(kept)
-        yield from prefix
-        for i, feed in enumerate(itertools.islice(data.batches(batch), len(prefix), None), start=len(prefix)):
-            y = self._session_for(name).run([name], feed)[0]
-            self.computed += 1
-            # kept only as the next batch of a prefix still cached (another reader may have run ahead or evicted it)
-            if len(kept) == i and self._store.get(key) is entry and self._room(key, y.nbytes):
-                kept.append(y.copy())  # ORT's own output buffer, kept, held 2x its size (measured RSS)
-                self._bytes += y.nbytes
-            yield y
+        """The original's tensor ``name`` per batch of ``data``."""
+        for got in self.read([name], data, batch):
+            yield got[name]
+
+    def read(self, names: list[str], data: CalibrationData, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The original's tensors ``names`` per batch of ``data``: cached batches where they are held, the rest from
+        one session cut to the names not complete when the read began (all of them computed in one run)."""
+        names = list(dict.fromkeys(names))
+        entries = {}
+        for name in names:
+            key = (name, id(data), batch)
+            entries[name] = self._store.pop(key, (data, []))
+            self._store[key] = entries[name]  # most recently used last
+        todo = tuple(n for n in names if not self.complete(n, data, batch))
+        for i, feed in enumerate(data.batches(batch)):
+            out = {n: entries[n][1][i] for n in names if len(entries[n][1]) > i}
+            if len(out) < len(names):
+                self.computed += 1
+                for name, y in zip(todo, self._session_for(todo).run(list(todo), feed)):
+                    if name in out:
+                        continue
+                    key = (name, id(data), batch)
+                    kept = entries[name][1]
+                    # kept only as the next batch of a prefix still cached (another reader may have run ahead or
+                    # evicted it); ORT's own output buffer, kept, is held 2x its size (measured RSS): a copy
+                    if len(kept) == i and self._store.get(key) is entries[name] and self._room(key, y.nbytes):
+                        kept.append(y.copy())
+                        self._bytes += y.nbytes
+                    out[name] = y
+            yield out
 
 
-class _Reader:
-    """Per batch, the current model's ``site.reads`` and the original's ``site.y``: from one joint session
-    (joint.py) when the original's target is not cached yet and the two models share at least ``MIN_SHARED`` of
-    the original's nodes up to it; else from the current model's cut session and the ``Targets`` cache."""
+class _Pass:
+    """One session for several sites' data: per batch, the current model's ``reads`` of every site and the
+    original's targets ``y``. The targets not cached yet come from the same session (a joint model, joint.py) when
+    the two models share at least ``MIN_SHARED`` of the original's nodes up to them; the others from the
+    ``Targets`` cache (which computes what it lacks with its own cut of the original, all of them in one run)."""
 
-    def __init__(self, model: onnx.ModelProto, targets: Targets, site: _Site, data: list[CalibrationData],
+    def __init__(self, model: onnx.ModelProto, targets: Targets, sites: list[_Site], data: list[CalibrationData],
                  batch: int) -> None:
-        self.targets, self.site, self.batch = targets, site, batch
-        cut = upstream(model, site.reads)
-        self.y_name: str | None = None
-        if not all(targets.complete(site.y, d, batch) for d in data):
-            merged = joint(cut, upstream(targets.original, [site.y]), targets.digests, [site.y])
+        self.targets, self.batch = targets, batch
+        self.reads = list(dict.fromkeys(r for s in sites for r in s.reads))
+        ys = list(dict.fromkeys(s.y for s in sites))
+        cut = upstream(model, self.reads)
+        missing = [y for y in ys if not all(targets.complete(y, d, batch) for d in data)]
+        self.joint: dict[str, str] = {}  # the original's target -> its name in the joint model
+        if missing:
+            merged = joint(cut, upstream(targets.original, missing), targets.digests, missing)
             if merged is not None and merged[2] >= MIN_SHARED:
                 cut, names, shared = merged
-                self.y_name = names[site.y]
-                log.debug("refit %s: one joint session (%.0f%% of the original's nodes shared)", site.node.name,
-                          100 * shared)
-        self.fetch = list(dict.fromkeys([*site.reads, *([self.y_name] if self.y_name else [])]))
+                self.joint = {y: names[y] for y in missing}
+                log.debug("refit of %d layer(s): one joint session (%.0f%% of the original's nodes shared)",
+                          len(sites), 100 * shared)
+        self.cached = [y for y in ys if y not in self.joint]
+        self.fetch = list(dict.fromkeys([*self.reads, *self.joint.values()]))
         self.session = targets.execution.session(cut)
 
-    def batches(self, data: CalibrationData) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        """(the reads, the target) per batch of ``data``."""
-        if self.y_name is None:
-            for feed, yv in zip(data.batches(self.batch), self.targets.batches(self.site.y, data, self.batch)):
-                yield self.session.run(self.site.reads, feed), yv
-            return
-        for i, feed in enumerate(data.batches(self.batch)):
+    def batches(self, data: CalibrationData) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(the current model's reads, the original's targets) per batch of ``data``, each by tensor name (a name
+        may be in both: the two models' values differ)."""
+        cached = self.targets.read(self.cached, data, self.batch) if self.cached else itertools.repeat({})
+        for i, (feed, ys) in enumerate(zip(data.batches(self.batch), cached)):
             got = dict(zip(self.fetch, self.session.run(self.fetch, feed)))
-            self.targets.offer(self.site.y, data, self.batch, i, got[self.y_name])
-            yield [got[r] for r in self.site.reads], got[self.y_name]
+            ys = dict(ys)
+            for y, name in self.joint.items():
+                self.targets.offer(y, data, self.batch, i, got[name])
+                ys[y] = got[name]
+            yield {r: got[r] for r in self.reads}, ys
 
 
-def _pairs(reader: _Reader, data: CalibrationData) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _pair(site: _Site, reads: dict[str, np.ndarray], ys: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(layer input from the current model; target from the original minus the layer's fixed offset and minus
-    the current residual addend) per batch."""
-    site = reader.site
-    last = site.last
-    for got, yv in reader.batches(data):
-        xv = got[0]
-        yv = yv.astype(np.float64)
-        if site.skip is not None:
-            yv = yv - got[1].astype(np.float64)
-        if site.offset is not None:
-            yv = yv - site.offset
-        if last:
-            xv = xv.reshape(-1, xv.shape[-1])
-            yv = yv.reshape(-1, yv.shape[-1])
-        yield xv.astype(np.float64), yv
+    the current residual addend), float64; channel-last tokens flattened to rows."""
+    xv = reads[site.x]
+    yv = ys[site.y].astype(np.float64)
+    if site.skip is not None:
+        yv = yv - reads[site.skip].astype(np.float64)
+    if site.offset is not None:
+        yv = yv - site.offset
+    if site.last:
+        xv = xv.reshape(-1, xv.shape[-1])
+        yv = yv.reshape(-1, yv.shape[-1])
+    return xv.astype(np.float64), yv
+
+
+@dataclass
+class _Fit:
+    """A site's sums (fit, check) read from one model, and for a head the rows kept for its KL re-fit."""
+
+    key: tuple  # what the sums depend on: the site's reads, target and geometry
+    equations: tuple[NormalEquations, NormalEquations]
+    head: bool
+    rows: tuple[list, list]  # a head's (features, target) batches per data set, the first HEAD_BYTES of features
+    seconds: float = 0.0  # its share of the pass that read it
+
+    def enough(self, which: int) -> bool:
+        return self.equations[which].enough(self.max_rows, MIN_SAMPLES)
+
+    @property
+    def max_rows(self) -> int | None:
+        return None if self.head else ROWS_PER_FEATURE * feature_count(self.equations[0].layer)
+
+
+def _key(site: _Site) -> tuple:
+    layer = site.layer
+    return (tuple(site.reads), site.y, layer.weight.shape, layer.strides, layer.dilations, layer.pads, layer.groups,
+            site.last)
+
+
+def _read(model: onnx.ModelProto, targets: Targets, sites: dict[str, _Site], fits: dict[str, _Fit],
+          fit: CalibrationData, check: CalibrationData, batch: int) -> None:
+    """Accumulate every ``fits`` entry (keyed like ``sites``) from one pass over ``fit`` then one over ``check``,
+    each stopped once every site has read enough (refit.NormalEquations.enough)."""
+    t0 = time.perf_counter()
+    reader = _Pass(model, targets, [sites[n] for n in fits], [fit, check], batch)
+    try:
+        for which, data in enumerate((fit, check)):
+            for reads, ys in reader.batches(data):
+                for name, f in fits.items():
+                    if f.enough(which):
+                        continue
+                    x, y = _pair(sites[name], reads, ys)
+                    f.equations[which].update(x, y)
+                    if f.head and sum(r[0].nbytes for r in f.rows[which]) < HEAD_BYTES:
+                        f.rows[which].append((x, y))
+                if all(f.enough(which) for f in fits.values()):
+                    break
+    finally:
+        del reader  # the pass's session is freed before the next one is made
+        release()
+    share = (time.perf_counter() - t0) / len(fits)
+    for f in fits.values():
+        f.seconds = share
+
+
+def _downstream(node: gs.Node) -> set[str]:
+    """Names of the tensors computed from ``node``'s outputs (its outputs included)."""
+    seen: set[str] = set()
+    todo = list(node.outputs)
+    while todo:
+        t = todo.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for reader in t.outputs:
+            todo.extend(reader.outputs)
+    return seen
 
 
 def refit_layers(
@@ -341,6 +426,7 @@ def refit_layers(
     batch: int = BATCH,
     softmax_head: bool = False,
     execution: Execution = CPU,
+    max_bytes: int = PASS_BYTES,
 ) -> tuple[onnx.ModelProto, list[RefitRecord]]:
     """Re-fit the layer nodes named ``nodes`` of ``model`` (topological order) to ``original``'s tensors.
 
@@ -351,75 +437,96 @@ def refit_layers(
     re-fitted once more, to the original's class probabilities (softmax_fit.py), kept if the KL on ``check``
     drops. Every session runs on the ``Targets``' execution (``execution`` when ``original`` is a model), so the
     layer inputs and the original's targets come from the same provider.
+
+    The layers' sums are read together, in one pass of one session (as many as fit in ``max_bytes`` of sums per
+    pass), and solved in topological order; a kept fit changes what the layers downstream of it read, so theirs
+    are read again from the model with it. Each layer so gets the same sums as when fitted alone after the ones
+    before it, at one forward pass per kept fit instead of one per layer.
     Returns the new model and one record per layer tried (a second one for a KL re-fit).
     """
     targets = original if isinstance(original, Targets) else Targets(original, execution=execution)
     original_names = {o for n in targets.original.graph.node for o in n.output}
-    records: list[RefitRecord] = []
+    ridges = (float(ridge),) if isinstance(ridge, (int, float)) else tuple(float(r) for r in ridge)
+    records: list[tuple[int, RefitRecord]] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     # recognising a layer needs the ranks of its tensors: inferred once; re-fits write into this graph, and
-    # ``model`` is exported from it after each one (the next layer's inputs come from the model re-fitted so far)
+    # ``model`` is exported from it after each kept one (the layers after it read the model re-fitted so far)
     graph = to_graph(infer_shapes(model)) if nodes else None
-    for name in sorted(set(nodes), key=lambda n: order.get(n, 1 << 30)):
-        node = next((n for n in graph.nodes if n.name == name), None)
-        if node is None:
-            continue
-        site = _site(graph, node, original_names)
-        if isinstance(site, str):
-            log.debug("refit %s skipped: %s", name, site)
-            continue
-        if site.layer.nd == 0 and not site.last and fit.samples < MIN_ROWS_PER_FEATURE * feature_count(site.layer):
-            # one row per sample (a classifier head after pooling): fewer samples than the unknowns need would
-            # give an under-determined fit, and each costs a pass of the whole model upstream, in every trial
-            records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0,
-                                       f"skipped: {fit.samples} fit samples for {feature_count(site.layer)} unknowns "
-                                       f"per output (needs {MIN_ROWS_PER_FEATURE} rows per unknown)"))
-            continue
-        t0 = time.perf_counter()
-        head = softmax_head and _is_head(site, model)
-        rows: tuple[list, list] = ([], [])  # a head's (features, logits) batches, kept for its KL re-fit
-        reader = _Reader(model, targets, site, [fit, check], batch)  # the current model, cut: both passes
-        fit_pairs = _pairs(reader, fit)
-        check_pairs = _pairs(reader, check)
-        if head:
-            fit_pairs, check_pairs = _recorded(fit_pairs, rows[0]), _recorded(check_pairs, rows[1])
-        try:
-            new, res = fit_layer(site.layer, fit_pairs, check_pairs, ridge=ridge,
-                                 max_positions_per_batch=max_positions,
-                                 max_rows=None if head else ROWS_PER_FEATURE * feature_count(site.layer),
-                                 min_samples=MIN_SAMPLES)
-        except RefitTooLarge as exc:
-            records.append(RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc)))
-            continue
-        finally:
-            del reader, fit_pairs, check_pairs  # this layer's session is freed before the next one is made
-            release()
-        seconds = time.perf_counter() - t0
-        note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""
-        records.append(RefitRecord(name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted),
-                                   seconds, note, res.ridge))
-        if res.accepted:
-            _write_back(graph, site, new)
-            model = to_model(graph, model)
-            del model.graph.value_info[:]
-        log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before, res.error_after,
-                 "kept" if res.accepted else "rejected", seconds)
-        if head:
-            model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, *rows, res.ridge)
-            records.append(record)
+    pending = sorted(set(nodes), key=lambda n: order.get(n, 1 << 30))
+    fits: dict[str, _Fit] = {}  # sums read from the current model
+    while pending:
+        sites: dict[str, _Site] = {}
+        for name in list(pending):
+            node = next((n for n in graph.nodes if n.name == name), None)
+            site = _site(graph, node, original_names) if node is not None else "not in the model"
+            if isinstance(site, str):
+                log.debug("refit %s skipped: %s", name, site)
+                pending.remove(name)
+                continue
+            if site.layer.nd == 0 and not site.last and fit.samples < MIN_ROWS_PER_FEATURE * feature_count(site.layer):
+                # one row per sample (a classifier head after pooling): fewer samples than the unknowns need would
+                # give an under-determined fit, and each costs a pass of the whole model upstream, in every trial
+                records.append((order.get(name, 1 << 30), RefitRecord(
+                    name, site.y, float("nan"), float("nan"), False, 0.0,
+                    f"skipped: {fit.samples} fit samples for {feature_count(site.layer)} unknowns per output "
+                    f"(needs {MIN_ROWS_PER_FEATURE} rows per unknown)")))
+                pending.remove(name)
+                continue
+            if name in fits and fits[name].key != _key(site):
+                del fits[name]
+            sites[name] = site
+        fresh: dict[str, _Fit] = {}  # read in this round: the first unread layers whose sums fit in max_bytes
+        size = 0
+        for name in [n for n in sites if n not in fits]:
+            site = sites[name]
+            try:
+                equations = tuple(NormalEquations(site.layer, max_positions_per_batch=max_positions, seed=k)
+                                  for k in (0, 1))
+            except RefitTooLarge as exc:
+                records.append((order.get(name, 1 << 30),
+                                RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc))))
+                pending.remove(name)
+                del sites[name]
+                continue
+            if fresh and size + 2 * equations[0].memory_bytes > max_bytes:
+                break  # this pass is full: the rest in a later one
+            size += 2 * equations[0].memory_bytes
+            fresh[name] = _Fit(_key(site), equations, softmax_head and _is_head(site, model), ([], []))
+        if fresh:
+            _read(model, targets, sites, fresh, fit, check, batch)
+            fits.update(fresh)
+        for name in list(sites):
+            if name not in fits:
+                break  # not read yet (the pass was full): the next round reads it
+            site, f = sites[name], fits.pop(name)
+            pending.remove(name)
+            t0 = time.perf_counter()
+            new, res = choose_fit(site.layer, *f.equations, ridges)
+            seconds = f.seconds + time.perf_counter() - t0
+            note = f"residual target: {site.y} of the original minus {site.skip} of this model" if site.skip else ""
+            records.append((order.get(name, 1 << 30), RefitRecord(
+                name, site.y, float(res.error_before), float(res.error_after), bool(res.accepted), seconds, note,
+                res.ridge)))
+            log.info("refit %s -> %s: error %.4g -> %.4g (%s, %.2fs)", name, site.y, res.error_before,
+                     res.error_after, "kept" if res.accepted else "rejected", seconds)
+            changed = res.accepted
+            if res.accepted:
+                _write_back(graph, site, new)
+                model = to_model(graph, model)
+                del model.graph.value_info[:]
+            if f.head:
+                before = model
+                model, record = _refit_head(model, graph, site, new if res.accepted else site.layer, *f.rows,
+                                            res.ridge)
+                records.append((order.get(name, 1 << 30), record))
+                changed = changed or model is not before
+            if changed:  # what reads this layer's output now reads other values: read again
+                stale = _downstream(site.node)
+                for other in [n for n, g in fits.items() if stale & set(g.key[0])]:
+                    del fits[other]
+                break
     targets.release()
-    return model, records
-
-
-def _recorded(pairs: Iterator[tuple[np.ndarray, np.ndarray]], into: list,
-              max_bytes: int = HEAD_BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``pairs`` passed through, the first ``max_bytes`` of features (and their targets) also kept in ``into``."""
-    size = 0
-    for x, y in pairs:
-        if size < max_bytes:
-            into.append((x, y))
-            size += x.nbytes
-        yield x, y
+    return model, [r for _, r in sorted(records, key=lambda t: t[0])]
 
 
 def _stack(rows: list, max_bytes: int = HEAD_BYTES) -> tuple[np.ndarray, np.ndarray]:

@@ -58,6 +58,7 @@ __all__ = [
     "NormalEquations",
     "RefitResult",
     "RefitTooLarge",
+    "choose_fit",
     "feature_count",
     "fit_layer",
     "memory_estimate",
@@ -354,11 +355,8 @@ def fit_layer(
         equations.update(x, y)
         if equations.enough(max_rows, min_samples):
             break
-    if holdout is None:
-        chosen = ridges[0]
-        fitted = equations.solve(chosen)
-        before, after = equations.relative_error(layer), equations.relative_error(fitted)
-    else:
+    check = None
+    if holdout is not None:
         check = NormalEquations(
             layer, max_features=max_features, max_positions_per_batch=max_positions_per_batch, seed=seed + 1
         )
@@ -366,6 +364,23 @@ def fit_layer(
             check.update(x, y)
             if check.enough(max_rows, min_samples):
                 break
+    return choose_fit(layer, equations, check, ridges, start)
+
+
+def choose_fit(layer: ConvLayer, equations: NormalEquations, check: NormalEquations | None,
+               ridges: Sequence[float], start: float | None = None) -> tuple[ConvLayer, RefitResult]:
+    """The decision of ``fit_layer`` from accumulated sums: ``equations`` (fit) solved for every ridge, the one
+    with the lowest error on ``check`` chosen and kept only if strictly better than ``layer`` there; without
+    ``check``, the first ridge, compared on the fit sums. ``start``: ``perf_counter`` time the work began (the
+    result's seconds). Raises ValueError when ``check`` holds no data or ``ridges`` is empty."""
+    start = time.perf_counter() if start is None else start
+    if not ridges:
+        raise ValueError("fit_layer: no ridge given")
+    if check is None:
+        chosen = ridges[0]
+        fitted = equations.solve(chosen)
+        before, after = equations.relative_error(layer), equations.relative_error(fitted)
+    else:
         if check.positions == 0:
             raise ValueError("the holdout iterable is empty")
         before = check.relative_error(layer)
@@ -377,7 +392,7 @@ def fit_layer(
         error_after=after if accepted else before,
         seconds=time.perf_counter() - start,
         accepted=accepted,
-        holdout=holdout is not None,
+        holdout=check is not None,
         positions=equations.positions,
         ridge=chosen,
     )

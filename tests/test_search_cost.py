@@ -94,3 +94,61 @@ def test_refit_reads_both_models_from_one_joint_session_when_they_share_the_pref
     weights = [numpy_helper.to_array(t) for t in joint_model.graph.initializer]
     for a, b in zip(weights, [numpy_helper.to_array(t) for t in plain_model.graph.initializer]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_refitted_together_equal_one_by_one_with_a_pass_per_kept_fit(monkeypatch) -> None:
+    """Three layers re-fitted in one call read their sums in one pass of one session; the kept fit of m1 (scaled
+    by 2 in the current model) changes what m2 reads, so m2 is read again: 2 passes, where one call per layer
+    takes 3. Weights and records equal those of the one-by-one calls (each seeing the fits before it)."""
+    import onnx_easier.reconstruct as rc
+
+    rng = np.random.default_rng(4)
+    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
+    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    passes = []
+    init = rc._Pass.__init__
+
+    def counted(self, model, targets, sites, data, batch):
+        passes.append([s.node.name for s in sites])
+        init(self, model, targets, sites, data, batch)
+
+    monkeypatch.setattr(rc._Pass, "__init__", counted)
+    together, records = rc.refit_layers(chain(2.0), chain(1.0), ["m0", "m1", "m2"], fit, check)
+    assert passes == [["m0", "m1", "m2"], ["m2"]]
+    assert [r.node for r in records] == ["m0", "m1", "m2"]
+    assert [r.accepted for r in records] == [False, True, False]
+    passes.clear()
+    alone, alone_records = chain(2.0), []
+    for name in ("m0", "m1", "m2"):
+        alone, rec = rc.refit_layers(alone, chain(1.0), [name], fit, check)
+        alone_records += rec
+    assert len(passes) == 3
+    for a, b in zip(records, alone_records):
+        assert (a.node, a.accepted, a.ridge) == (b.node, b.accepted, b.ridge)
+        np.testing.assert_allclose([a.error_before, a.error_after], [b.error_before, b.error_after], rtol=1e-6)
+    got = {t.name: numpy_helper.to_array(t) for t in together.graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in alone.graph.initializer}
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_pass_holds_the_sums_of_as_many_layers_as_fit_its_memory_budget(monkeypatch) -> None:
+    """With room for one layer's sums per pass, each layer gets its own pass, in order, and the same result."""
+    import onnx_easier.reconstruct as rc
+
+    rng = np.random.default_rng(5)
+    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
+    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    passes = []
+    init = rc._Pass.__init__
+    monkeypatch.setattr(rc._Pass, "__init__", lambda self, m, t, sites, d, b: (
+        passes.append([s.node.name for s in sites]), init(self, m, t, sites, d, b))[-1])
+    small, small_records = rc.refit_layers(chain(2.0), chain(1.0), ["m0", "m1", "m2"], fit, check, max_bytes=1)
+    assert passes == [["m0"], ["m1"], ["m2"]]
+    passes.clear()
+    big, big_records = rc.refit_layers(chain(2.0), chain(1.0), ["m0", "m1", "m2"], fit, check)
+    assert len(passes) == 2
+    assert [(r.node, r.accepted) for r in small_records] == [(r.node, r.accepted) for r in big_records]
+    for a, b in zip(small.graph.initializer, big.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-6, atol=1e-7)
