@@ -64,6 +64,11 @@ MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re
 MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 PASS_BYTES = 512 * 2**20  # normal equations (fit + check) of the layers read in one pass
+# a layer whose output is already this close to the original's (relative l2 on its first NEGLIGIBLE_SAMPLES fit
+# samples, at least one batch) is not re-fitted: its pass stops reading for it (an SE block's excitation behind a
+# nearly linear SiLU measures 0 to 1e-5; layers worth a re-fit, 1e-3 and up)
+NEGLIGIBLE = 1e-4
+NEGLIGIBLE_SAMPLES = 8
 
 
 @dataclass
@@ -359,9 +364,20 @@ class _Fit:
     head: bool
     rows: tuple[list, list]  # a head's (features, target) batches per data set, the first HEAD_BYTES of features
     seconds: float = 0.0  # its share of the pass that read it
+    negligible: float | None = None  # the error that made reading stop early (NEGLIGIBLE), if it did
+    judged: bool = False  # whether the early test was made (once, on the first NEGLIGIBLE_SAMPLES fit samples)
 
     def enough(self, which: int) -> bool:
-        return self.equations[which].enough(self.max_rows, MIN_SAMPLES)
+        return self.negligible is not None or self.equations[which].enough(self.max_rows, MIN_SAMPLES)
+
+    def judge_early(self, layer: ConvLayer) -> None:
+        """Stop reading when ``layer`` already matches its target to NEGLIGIBLE on the first fit samples."""
+        eq = self.equations[0]
+        if not self.judged and not self.head and eq.samples >= NEGLIGIBLE_SAMPLES:
+            self.judged = True
+            error = eq.relative_error(layer)
+            if error < NEGLIGIBLE:
+                self.negligible = error
 
     @property
     def max_rows(self) -> int | None:
@@ -382,12 +398,16 @@ def _read(model: onnx.ModelProto, targets: Targets, sites: dict[str, _Site], fit
     reader = _Pass(model, targets, [sites[n] for n in fits], [fit, check], batch)
     try:
         for which, data in enumerate((fit, check)):
+            if all(f.enough(which) for f in fits.values()):
+                continue  # every layer stopped early: the check samples are not read
             for reads, ys in reader.batches(data):
                 for name, f in fits.items():
                     if f.enough(which):
                         continue
                     x, y = _pair(sites[name], reads, ys)
                     f.equations[which].update(x, y)
+                    if which == 0:
+                        f.judge_early(sites[name].layer)
                     if f.head and sum(r[0].nbytes for r in f.rows[which]) < HEAD_BYTES:
                         f.rows[which].append((x, y))
                 if all(f.enough(which) for f in fits.values()):
@@ -500,6 +520,12 @@ def refit_layers(
                 break  # not read yet (the pass was full): the next round reads it
             site, f = sites[name], fits.pop(name)
             pending.remove(name)
+            if f.negligible is not None:
+                records.append((order.get(name, 1 << 30), RefitRecord(
+                    name, site.y, f.negligible, f.negligible, False, f.seconds,
+                    f"skipped: error {f.negligible:.2g} < {NEGLIGIBLE:g} on the first {f.equations[0].samples} fit "
+                    "samples")))
+                continue
             t0 = time.perf_counter()
             new, res = choose_fit(site.layer, *f.equations, ridges)
             seconds = f.seconds + time.perf_counter() - t0

@@ -152,3 +152,39 @@ def test_a_pass_holds_the_sums_of_as_many_layers_as_fit_its_memory_budget(monkey
     assert [(r.node, r.accepted) for r in small_records] == [(r.node, r.accepted) for r in big_records]
     for a, b in zip(small.graph.initializer, big.graph.initializer):
         np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_layer_already_matching_the_original_stops_reading_after_its_first_samples(monkeypatch) -> None:
+    """m0 and m1 equal the original's: their error on the first batch is below NEGLIGIBLE, so they are not
+    re-fitted (a note says why) and are read no further; m2 (scaled) still is. With m2 matching too, the pass
+    reads one batch of the fit samples and none of the check samples."""
+    import onnx_easier.reconstruct as rc
+
+    rng = np.random.default_rng(6)
+    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
+    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    current = chain(1.0)
+    w2 = numpy_helper.to_array(current.graph.initializer[2])
+    current.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 * 1.5, "w2"))
+    _, records = rc.refit_layers(current, chain(1.0), ["m0", "m1", "m2"], fit, check)
+    assert [r.node for r in records] == ["m0", "m1", "m2"]
+    for r in records[:2]:
+        assert not r.accepted and r.error_before < rc.NEGLIGIBLE and r.note.startswith("skipped: error")
+    assert records[2].accepted and records[2].error_after < records[2].error_before
+    runs = []
+    run = rc._Pass.batches
+
+    def counted(self, data):
+        for got in run(self, data):
+            runs.append(data.samples)
+            yield got
+
+    monkeypatch.setattr(rc._Pass, "batches", counted)
+    model, records = rc.refit_layers(chain(1.0), chain(1.0), ["m0", "m1", "m2"], fit, check)
+    assert runs == [96] and all(r.note.startswith("skipped: error") for r in records)
+    assert same_weights(model, chain(1.0))
+
+
+def same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return all(np.array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+               for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True))
