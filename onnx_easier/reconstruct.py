@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnx_easier.calibrate import upstream
 from onnx_easier.data import CalibrationData
@@ -49,6 +48,7 @@ from onnx_easier.passes.fuse_common import recognise
 from onnx_easier.refit import RIDGES, NormalEquations, RefitTooLarge, choose_fit, feature_count
 from onnx_easier.shapes import infer_shapes
 from onnx_easier.softmax_fit import fit_softmax
+from onnx_easier.tensor_cache import CachedRun, TensorCache
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,16 @@ class Targets:
     recently used tensors go first; a tensor that cannot fit even alone keeps the batches that did and recomputes
     the rest on every read. Its sessions, and those of the re-fits that read it, run on ``execution``."""
 
-    def __init__(self, original: onnx.ModelProto, max_bytes: int = 128 * 2**20, execution: Execution = CPU) -> None:
+    def __init__(self, original: onnx.ModelProto, max_bytes: int = 128 * 2**20, execution: Execution = CPU,
+                 cache: TensorCache | None = None) -> None:
         self.original = original
         self.execution = execution
+        self.cache = cache if cache is not None else TensorCache()  # checkpoints of every run (tensor_cache.py)
         self.max_bytes = max_bytes
         # key -> (the data set, held so its id cannot be reused while cached; its batches computed so far)
         self._store: dict[tuple[str, int, int], tuple[CalibrationData, list[np.ndarray]]] = {}
         self._bytes = 0
-        self._session: tuple[str, ort.InferenceSession] | None = None  # the last tensor's cut model
+        self._last_cut: tuple[tuple[str, ...], onnx.ModelProto] | None = None  # the last cut of the original
         self.computed = 0  # batches run through ORT (for tests and profiling)
         self._digests: dict[str, bytes] | None = None
 
@@ -250,13 +252,13 @@ class Targets:
 
     def release(self) -> None:
         """Free the session of the last tensor's cut model (the batches computed stay cached)."""
-        self._session = None
+        self._last_cut = None
 
-    def _session_for(self, names: tuple[str, ...]) -> ort.InferenceSession:
-        if self._session is None or self._session[0] != names:
-            self._session = None  # the previous cut's session is freed before the next one is made
-            self._session = (names, self.execution.session(upstream(self.original, list(names))))
-        return self._session[1]
+    def _cut(self, names: tuple[str, ...]) -> onnx.ModelProto:
+        """The original cut to ``names`` (the last cut kept: readers of one tensor follow each other)."""
+        if self._last_cut is None or self._last_cut[0] != names:
+            self._last_cut = (names, upstream(self.original, list(names)))
+        return self._last_cut[1]
 
     def _room(self, key: tuple[str, int, int], size: int) -> bool:
         """Make room for ``size`` more bytes under ``key`` by dropping other tensors, oldest first; none is dropped
@@ -283,14 +285,18 @@ class Targets:
             key = (name, id(data), batch)
             entries[name] = self._store.pop(key, (data, []))
             self._store[key] = entries[name]  # most recently used last
-        todo = tuple(n for n in names if not self.complete(n, data, batch))
-        for i, feed in enumerate(data.batches(batch)):
+        todo = [n for n in names if not self.complete(n, data, batch)]
+        skip = min((len(entries[n][1]) for n in todo), default=0)
+        runs = CachedRun(self._cut(tuple(todo)), todo, self.cache, self.execution).batches(data, batch, skip) \
+            if todo else itertools.repeat(None)
+        for i, (_, got) in enumerate(zip(data.batches(batch), runs)):
             out = {n: entries[n][1][i] for n in names if len(entries[n][1]) > i}
             if len(out) < len(names):
                 self.computed += 1
-                for name, y in zip(todo, self._session_for(todo).run(list(todo), feed)):
+                for name in todo:
                     if name in out:
                         continue
+                    y = got[name]
                     key = (name, id(data), batch)
                     kept = entries[name][1]
                     # kept only as the next batch of a prefix still cached (another reader may have run ahead or
@@ -325,14 +331,13 @@ class _Pass:
                           len(sites), 100 * shared)
         self.cached = [y for y in ys if y not in self.joint]
         self.fetch = list(dict.fromkeys([*self.reads, *self.joint.values()]))
-        self.session = targets.execution.session(cut)
+        self.run = CachedRun(cut, self.fetch, targets.cache, targets.execution)
 
     def batches(self, data: CalibrationData) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
         """(the current model's reads, the original's targets) per batch of ``data``, each by tensor name (a name
         may be in both: the two models' values differ)."""
         cached = self.targets.read(self.cached, data, self.batch) if self.cached else itertools.repeat({})
-        for i, (feed, ys) in enumerate(zip(data.batches(self.batch), cached)):
-            got = dict(zip(self.fetch, self.session.run(self.fetch, feed)))
+        for i, (got, ys) in enumerate(zip(self.run.batches(data, self.batch), cached)):
             ys = dict(ys)
             for y, name in self.joint.items():
                 self.targets.offer(y, data, self.batch, i, got[name])

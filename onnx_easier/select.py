@@ -76,6 +76,7 @@ from onnx_easier.passes.linearize import linearize
 from onnx_easier.reconstruct import LAYER_OPS, RefitRecord, Targets, refit_layers
 from onnx_easier.safety import CheckData, Failure, output_error
 from onnx_easier.shapes import infer_shapes
+from onnx_easier.tensor_cache import CachedRun, TensorCache
 
 log = logging.getLogger(__name__)
 
@@ -329,16 +330,18 @@ class Judge:
     REJECT_ERROR; one clearly above it costs a fraction of the held-out runs."""
 
     def __init__(self, original: onnx.ModelProto, holdout: CalibrationData, metric: str | None, tolerance: float,
-                 batch: int, execution: Execution = CPU) -> None:
+                 batch: int, execution: Execution = CPU, cache: TensorCache | None = None) -> None:
         self.execution = execution  # the run's provider: every candidate is compared with the original run on it
+        # checkpoints of every run (the original's first): a candidate runs from the last one it shares
+        self.cache = cache if cache is not None else TensorCache()
         self.holdout = holdout
         self.metric = metric
         self.tolerance = tolerance
         self.batch = batch
         self._last: tuple[onnx.ModelProto, tuple[Fidelity, float]] | None = None  # Judge._measure
-        session = execution.session(original)
-        self.names = [o.name for o in session.get_outputs()]
-        self.reference = [[as_array(v) for v in session.run(self.names, feed)] for feed in holdout.batches(batch)]
+        self.names = [o.name for o in original.graph.output]
+        self.reference = [[as_array(got[n]) for n in self.names]
+                          for got in CachedRun(original, self.names, self.cache, execution).batches(holdout, batch)]
         first = self.reference[0] if self.reference else []
         effective = metric or default_metric([r.shape for r in first])
         # logits judged by KL: a head re-fit to the original's class probabilities serves the metric directly
@@ -368,19 +371,19 @@ class Judge:
         if self._last is not None and self._last[0] is model:
             return self._last[1]
         self._last = None  # the previous model is not held while this one runs
-        session = self.execution.session(model)
+        run = CachedRun(model, self.names, self.cache, self.execution)
         acc = FidelityAccumulator(self.metric, self.tolerance)
         looks = self.looks if sequential and self.tolerance > 0 else []
         early = False
         err = 0.0
-        for i, (ref, feed) in enumerate(zip(self.reference, self.holdout.batches(self.batch))):
-            got = [as_array(v) for v in session.run(self.names, feed)]
+        for i, (ref, values) in enumerate(zip(self.reference, run.batches(self.holdout, self.batch))):
+            got = [as_array(values[n]) for n in self.names]
             acc.update(ref, got)
             err = max(err, output_error(ref, got))
             if i in looks and acc.bounds(1.0 - REJECT_ERROR / (2 * len(looks)))[0] > self.effective_tolerance:
                 early = True
                 break
-        del session
+        del run
         fid = acc.result()
         fid.upper = acc.bounds(CONFIDENCE)[1]
         fid.confidence = CONFIDENCE
@@ -602,7 +605,7 @@ class Search:
     gallop: bool = True  # try consecutive candidates together after acceptances (module doc); False: one by one
 
     def __post_init__(self) -> None:
-        self.targets = Targets(self.original, execution=self.judge.execution)
+        self.targets = Targets(self.original, execution=self.judge.execution, cache=self.judge.cache)
         self._memo: dict[tuple, tuple[Trial, str | None, Fidelity | None]] = {}  # model: a file of _spill
         self._spill = Spill()
         self._stats_cache: dict[tuple, ChannelStats] = {}  # stats_keys -> the statistics on the fit samples

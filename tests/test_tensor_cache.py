@@ -1,0 +1,104 @@
+"""tensor_cache.py: checkpoints of a run kept by digest; later runs of other models start from them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_easier.data import CalibrationData
+from onnx_easier.tensor_cache import CachedRun, TensorCache, checkpoints
+
+
+def residual_chain(blocks: int = 4, changed: int | None = None) -> onnx.ModelProto:
+    """x[N,6] -> blocks of h = h + Relu(h @ W_i) -> y; block ``changed`` gets another weight."""
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i in range(blocks):
+        w = rng.standard_normal((6, 6)).astype(np.float32) * 0.3
+        if i == changed:
+            w = w * 2.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == blocks - 1 else f"h{i}"
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("Add", [h, f"r{i}"], [out], name=f"add{i}")]
+        h = out
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def plain(model: onnx.ModelProto, outputs: list[str], data: CalibrationData) -> np.ndarray:
+    from onnx_easier.calibrate import upstream
+
+    sess = ort.InferenceSession(upstream(model, outputs).SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(outputs, feed)[0] for feed in data.batches(7)])
+
+
+def data(n: int = 40) -> CalibrationData:
+    return CalibrationData("mem", n, {"x": np.random.default_rng(1).standard_normal((n, 6)).astype(np.float32)})
+
+
+def test_checkpoints_are_the_block_boundaries_of_a_residual_chain() -> None:
+    assert checkpoints(residual_chain(), ["y"], count=10) == ["h0", "h1", "h2"]
+    assert checkpoints(residual_chain(), ["y"], count=1) == ["h2"]
+
+
+def test_a_later_model_starts_from_the_tensors_an_earlier_one_kept() -> None:
+    """The original fills the cache with its block boundaries; a model changed in block 3 runs from h2 (same
+    digest in both): its outputs equal a plain run's, and every batch ran on the cut model."""
+    d, cache = data(), TensorCache()
+    first = CachedRun(residual_chain(), ["y"], cache)
+    np.testing.assert_allclose(np.concatenate([b["y"] for b in first.batches(d, 8)]),
+                               plain(residual_chain(), ["y"], d), rtol=1e-6)
+    assert cache.fed_runs == 0 and cache.filled(first.digests["h2"], d) == 40
+    changed = residual_chain(changed=3)
+    second = CachedRun(changed, ["y"], cache)
+    got = np.concatenate([b["y"] for b in second.batches(d, 16)])  # another batch size
+    np.testing.assert_allclose(got, plain(changed, ["y"], d), rtol=1e-6)
+    assert cache.fed_runs == 3
+    early = CachedRun(residual_chain(changed=0), ["y"], cache)  # changed before every kept tensor: from x
+    runs = cache.fed_runs
+    np.testing.assert_allclose(np.concatenate([b["y"] for b in early.batches(d, 8)]),
+                               plain(residual_chain(changed=0), ["y"], d), rtol=1e-6)
+    assert cache.fed_runs == runs
+
+
+def test_a_kept_prefix_serves_its_batches_and_the_rest_runs_uncut() -> None:
+    d, cache = data(), TensorCache()
+    for i, _ in enumerate(CachedRun(residual_chain(), ["y"], cache).batches(d, 8)):
+        if i == 1:
+            break  # 16 samples kept
+    changed = residual_chain(changed=3)
+    got = np.concatenate([b["y"] for b in CachedRun(changed, ["y"], cache).batches(d, 8)])
+    np.testing.assert_allclose(got, plain(changed, ["y"], d), rtol=1e-6)
+    assert cache.fed_runs == 2
+
+
+def test_a_kept_tensor_asked_for_directly_is_served_without_a_run() -> None:
+    d, cache = data(), TensorCache()
+    list(CachedRun(residual_chain(), ["y"], cache).batches(d, 8))
+    run = CachedRun(residual_chain(changed=3), ["h1"], cache)
+    got = np.concatenate([b["h1"] for b in run.batches(d, 8)])
+    np.testing.assert_allclose(got, plain(residual_chain(), ["h1"], d), rtol=1e-6)
+
+
+def test_only_batch_major_float_tensors_are_kept_and_the_budget_holds() -> None:
+    cache = TensorCache(max_bytes=1000)
+    d = data()
+    cache.offer(b"t", d, 0, np.zeros((8, 10), np.float32))  # [8, 10]: kept
+    assert cache.filled(b"t", d) == 8
+    cache.offer(b"t", d, 16, np.zeros((8, 10), np.float32))  # not the next samples: ignored
+    assert cache.filled(b"t", d) == 8
+    cache.offer(b"s", d, 0, np.zeros((8, 8), np.float32))  # 8 also in another axis: never kept
+    cache.offer(b"s", d, 0, np.zeros((4, 3), np.float32))
+    assert cache.filled(b"s", d) == 0
+    cache.offer(b"i", d, 0, np.zeros((8, 4), np.int64))  # integers: never
+    assert cache.filled(b"i", d) == 0
+    cache.offer(b"u", d, 0, np.zeros((8, 20), np.float32))  # 640 bytes > half the budget: refused
+    assert cache.filled(b"u", d) == 0
+    cache.offer(b"v", d, 0, np.zeros((8, 12), np.float32))  # 384 bytes: both fit
+    assert cache.filled(b"v", d) == 8 and cache.filled(b"t", d) == 8
+    cache.offer(b"w", d, 0, np.zeros((8, 15), np.float32))  # 480 more: the oldest (t) goes
+    assert cache.filled(b"w", d) == 8 and cache.filled(b"t", d) == 0
