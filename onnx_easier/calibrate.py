@@ -22,12 +22,14 @@ Counts are integers, so the results do not depend on the batch size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -40,6 +42,9 @@ from onnx_easier.entropy import channel_on_fraction, layer_entropy
 from onnx_easier.errors import BadArgumentError, BadDataError, OnnxEasierError
 from onnx_easier.execution import CPU, Execution
 from onnx_easier.shapes import augment, tensor_types
+
+if TYPE_CHECKING:
+    from onnx_easier.tensor_cache import TensorCache
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +286,7 @@ def calibrate(
     moments: bool = False,
     progress: bool = False,
     execution: Execution = CPU,
+    cache: TensorCache | None = None,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of every activation over ``data``, keyed by activation name.
 
@@ -290,6 +296,8 @@ def calibrate(
     batch of exposed tensors stays near 128 MB (two are alive at a time); a model whose batch axis is fixed to N
     runs in batches of exactly N and the remaining samples are dropped with a warning. ``moments=True`` also
     fetches the activation outputs and collects the sums that ``ChannelStats.affine_fit`` needs. The session runs on ``execution``'s provider.
+    ``cache`` (tensor_cache.py): the run starts from the last tensor kept there that it computes, and keeps its own
+    checkpoints (not for a fixed batch size or whole-feed data).
     """
     names = [a.name for a in activations]
     if len(set(names)) != len(names):
@@ -329,7 +337,14 @@ def calibrate(
         )
     if not activations:
         return {}
-    sess = execution.session(augmented, optimize=False)
+    if cache is not None and fixed is None and not data.feedwise:
+        from onnx_easier.tensor_cache import CachedRun
+
+        runs = CachedRun(model, fetch, cache, execution).batches(data, batch_size)
+    else:
+        sess = execution.session(augmented, optimize=False)
+        runs = (dict(zip(fetch, sess.run(fetch, feed)))
+                for feed in data.batches(batch_size, 0, used, drop_last=fixed is not None))
     del augmented  # the session holds its own copy of the weights
     stats: dict[str, ChannelStats] = {}
 
@@ -339,13 +354,14 @@ def calibrate(
             stats[act.name] = batch if act.name not in stats else stats[act.name].merge(batch)
 
     start = time.perf_counter()
-    batches = data.batches(batch_size, 0, used, drop_last=fixed is not None)
     # numpy folds batch k on one worker thread while ORT runs batch k + 1: at most two batches are alive
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate") as worker:
         pending: Future | None = None
-        for k, feed in _with_progress(enumerate(batches), used, batch_size, progress):
+        for k in _with_progress(itertools.count(), used, batch_size, progress):
             try:
-                values = dict(zip(fetch, sess.run(fetch, feed)))
+                values = next(runs, None)
+                if values is None:
+                    break
             except _ORT_RUN_ERRORS as exc:
                 stop = min((k + 1) * batch_size, used)
                 raise BadDataError(

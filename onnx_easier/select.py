@@ -687,7 +687,7 @@ class Search:
     def _stats(self, model: onnx.ModelProto, acts: list[Activation]) -> dict[str, ChannelStats]:
         if self.mode != "affine" or not acts:
             return {}
-        return calibrate(model, acts, self.fit, moments=True, execution=self.judge.execution)
+        return calibrate(model, acts, self.fit, moments=True, execution=self.judge.execution, cache=self.judge.cache)
 
     def run(self, strategy: str) -> SearchResult:
         """One greedy pass over the candidates of ``strategy`` (module doc).

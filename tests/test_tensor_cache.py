@@ -102,3 +102,23 @@ def test_only_batch_major_float_tensors_are_kept_and_the_budget_holds() -> None:
     assert cache.filled(b"v", d) == 8 and cache.filled(b"t", d) == 8
     cache.offer(b"w", d, 0, np.zeros((8, 15), np.float32))  # 480 more: the oldest (t) goes
     assert cache.filled(b"w", d) == 8 and cache.filled(b"t", d) == 0
+
+
+def test_calibration_from_kept_tensors_equals_a_plain_one() -> None:
+    """The statistics of the activations of block 3 in a model changed there: from h2 kept by the original's run,
+    the same as a plain calibration (ORT's values are the same up to rounding)."""
+    from onnx_easier.activations import find_activations
+    from onnx_easier.calibrate import calibrate
+    from onnx_easier.model_io import to_graph
+    from onnx_easier.shapes import infer_shapes
+
+    d, cache = data(), TensorCache()
+    list(CachedRun(residual_chain(), ["y"], cache).batches(d, 8))
+    changed = residual_chain(changed=3)
+    acts = find_activations(to_graph(infer_shapes(changed)))
+    last = [a for a in acts if a.name == "relu3"]
+    with_cache = calibrate(changed, last, d, moments=True, cache=cache)
+    assert cache.fed_runs > 0
+    plain_stats = calibrate(changed, last, d, moments=True)
+    np.testing.assert_array_equal(with_cache["relu3"].count_on, plain_stats["relu3"].count_on)
+    np.testing.assert_allclose(with_cache["relu3"].affine_fit(), plain_stats["relu3"].affine_fit(), rtol=1e-9)
