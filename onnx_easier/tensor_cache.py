@@ -36,8 +36,8 @@ from onnx_easier.joint import digests, mergeable
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = 4  # checkpoints fetched per run, spread over the region it computes
-MAX_BYTES = 192 * 2**20
+CHECKPOINTS = 6  # checkpoints fetched per run, spread over the region it computes (too large ones are not kept)
+MAX_BYTES = 128 * 2**20
 _SHAPE_OPS = {"Shape", "Size", "NonZero", "NonMaxSuppression", "ArgMax", "ArgMin", "Range", "ConstantOfShape"}
 _FLOAT_KINDS = "f"
 
@@ -70,6 +70,7 @@ class TensorCache:
         self._store: OrderedDict[tuple[bytes, int], _Entry] = OrderedDict()
         self._refused: set[bytes] = set()  # digests whose values are not batch-major
         self._bytes = 0
+        self.pinned: set[tuple[bytes, int]] = set()  # entries a run is reading: never evicted meanwhile
         self.fed_runs = 0  # batches run from kept tensors (for tests and profiling)
 
     def filled(self, digest: bytes, data: CalibrationData) -> int:
@@ -94,8 +95,8 @@ class TensorCache:
         key = (digest, id(data))
         entry = self._store.get(key)
         if entry is None:
-            if start != 0:
-                return
+            if start != 0 or value.nbytes * data.samples > n * (self.max_bytes // 2):
+                return  # the whole data set's values would take over half the budget
             entry = self._store[key] = _Entry(data)
         if entry.filled != start or stop > data.samples:
             return
@@ -119,7 +120,7 @@ class TensorCache:
     def _room(self, key: tuple[bytes, int], size: int) -> bool:
         if size > self.max_bytes // 2:
             return False
-        for other in [k for k in self._store if k != key]:
+        for other in [k for k in self._store if k != key and k not in self.pinned]:
             if self._bytes + size <= self.max_bytes:
                 break
             self._drop(other)
@@ -253,6 +254,15 @@ class CachedRun:
                 inputs = {i.name for i in cut.get_inputs()}
             log.debug("cached run: %d tensor(s) fed from the cache for %d of %d samples", len(fed), filled,
                       data.samples)
+        pins = {(self.digests[t], id(data)) for t in fed} - self.cache.pinned
+        self.cache.pinned |= pins
+        try:
+            yield from self._run(data, batch, skip, fed, filled, cut, fetch, inputs)
+        finally:
+            self.cache.pinned -= pins
+
+    def _run(self, data: CalibrationData, batch: int, skip: int, fed: list[str], filled: int, cut, fetch: list[str],
+             inputs: set[str]) -> Iterator[dict[str, np.ndarray] | None]:
         start = 0
         for i, feed in enumerate(data.batches(batch)):
             n = next(iter(feed.values())).shape[0] if feed else 0
