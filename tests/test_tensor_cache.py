@@ -87,8 +87,11 @@ def test_a_kept_tensor_asked_for_directly_is_served_without_a_run() -> None:
 def test_only_batch_major_float_tensors_are_kept_and_the_budget_holds() -> None:
     cache = TensorCache(max_bytes=1000)
     d = data(8)
-    cache.offer(b"big", data(40), 0, np.zeros((8, 4), np.float32))  # 40 samples would take 640 > 500 bytes
-    assert cache.filled(b"big", data(40)) == 0
+    d40 = data(40)
+    cache.offer(b"big", d40, 0, np.zeros((8, 4), np.float32))  # 40 samples would take 640 > 500 bytes
+    assert cache.filled(b"big", d40) == 0
+    cache.offer(b"big", d, 0, np.zeros((8, 4), np.float32))  # 8 samples: 128 bytes
+    assert cache.filled(b"big", d) == 8
     cache.offer(b"t", d, 0, np.zeros((8, 10), np.float32))  # [8, 10]: kept
     assert cache.filled(b"t", d) == 8
     cache.offer(b"t", d, 16, np.zeros((8, 10), np.float32))  # not the next samples: ignored
