@@ -82,13 +82,15 @@ class TensorCache:
         self._store.move_to_end(key)
         return self._store[key].take(start, stop)
 
-    def offer(self, digest: bytes, data: CalibrationData, start: int, value: np.ndarray) -> None:
-        """``value`` holds samples ``[start, start + n)``: kept when it extends the kept prefix and fits."""
-        n = 0 if value.ndim == 0 else value.shape[0]
+    def offer(self, digest: bytes, data: CalibrationData, start: int, value: np.ndarray, samples: int) -> None:
+        """``value``, computed from samples ``[start, start + samples)``: kept when it is batch-major (axis 0 of
+        length ``samples``, a length no other axis has), float, extends the kept prefix and fits."""
+        n = samples
         stop = start + n
         if digest in self._refused:
             return
-        if value.dtype.kind not in _FLOAT_KINDS or value.ndim == 0 or n == 0 or (n > 1 and n in value.shape[1:]):
+        if value.dtype.kind not in _FLOAT_KINDS or value.ndim == 0 or n == 0 or value.shape[0] != n \
+                or (n > 1 and n in value.shape[1:]):
             self._refused.add(digest)
             self._drop((digest, id(data)))
             return
@@ -283,7 +285,7 @@ class CachedRun:
                 got = dict(zip(fetch_all, self._full_session().run(fetch_all, feed)))
             for k in self.keep:
                 if k in got:
-                    self.cache.offer(self.digests[k], data, start, got[k])
+                    self.cache.offer(self.digests[k], data, start, got[k], n)
             start = stop
             yield {o: got[o] for o in self.outputs}
 

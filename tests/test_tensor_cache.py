@@ -88,24 +88,26 @@ def test_only_batch_major_float_tensors_are_kept_and_the_budget_holds() -> None:
     cache = TensorCache(max_bytes=1000)
     d = data(8)
     d40 = data(40)
-    cache.offer(b"big", d40, 0, np.zeros((8, 4), np.float32))  # 40 samples would take 640 > 500 bytes
+    cache.offer(b"big", d40, 0, np.zeros((8, 4), np.float32), 8)  # 40 samples would take 640 > 500 bytes
     assert cache.filled(b"big", d40) == 0
-    cache.offer(b"big", d, 0, np.zeros((8, 4), np.float32))  # 8 samples: 128 bytes
+    cache.offer(b"big", d, 0, np.zeros((8, 4), np.float32), 8)  # 8 samples: 128 bytes
     assert cache.filled(b"big", d) == 8
-    cache.offer(b"t", d, 0, np.zeros((8, 10), np.float32))  # [8, 10]: kept
+    cache.offer(b"t", d, 0, np.zeros((8, 10), np.float32), 8)  # [8, 10]: kept
     assert cache.filled(b"t", d) == 8
-    cache.offer(b"t", d, 16, np.zeros((8, 10), np.float32))  # not the next samples: ignored
+    cache.offer(b"t", d, 16, np.zeros((8, 10), np.float32), 8)  # not the next samples: ignored
     assert cache.filled(b"t", d) == 8
-    cache.offer(b"s", d, 0, np.zeros((8, 8), np.float32))  # 8 also in another axis: never kept
-    cache.offer(b"s", d, 0, np.zeros((4, 3), np.float32))
+    cache.offer(b"s", d, 0, np.zeros((8, 8), np.float32), 8)  # 8 also in another axis: never kept
+    cache.offer(b"s", d, 0, np.zeros((4, 3), np.float32), 4)
     assert cache.filled(b"s", d) == 0
-    cache.offer(b"i", d, 0, np.zeros((8, 4), np.int64))  # integers: never
+    cache.offer(b"i", d, 0, np.zeros((8, 4), np.int64), 8)  # integers: never
     assert cache.filled(b"i", d) == 0
-    cache.offer(b"u", d, 0, np.zeros((8, 20), np.float32))  # 640 bytes > half the budget: refused
+    cache.offer(b"tnc", d, 0, np.zeros((5, 8, 4), np.float32), 8)  # tokens first ([T, N, C]): never
+    assert cache.filled(b"tnc", d) == 0
+    cache.offer(b"u", d, 0, np.zeros((8, 20), np.float32), 8)  # 640 bytes > half the budget: refused
     assert cache.filled(b"u", d) == 0
-    cache.offer(b"v", d, 0, np.zeros((8, 12), np.float32))  # 384 bytes: both fit
+    cache.offer(b"v", d, 0, np.zeros((8, 12), np.float32), 8)  # 384 bytes: both fit
     assert cache.filled(b"v", d) == 8 and cache.filled(b"t", d) == 8
-    cache.offer(b"w", d, 0, np.zeros((8, 15), np.float32))  # 480 more: the oldest (t) goes
+    cache.offer(b"w", d, 0, np.zeros((8, 15), np.float32), 8)  # 480 more: the oldest (t) goes
     assert cache.filled(b"w", d) == 8 and cache.filled(b"t", d) == 0
 
 
