@@ -142,24 +142,44 @@ def _data_tensors(g: onnx.GraphProto) -> set[str]:
 
 
 def checkpoints(model: onnx.ModelProto, outputs: list[str], count: int = CHECKPOINTS) -> list[str]:
-    """Up to ``count`` tensors of ``model`` (nodes in file order) that are, after their producer, the only data
-    tensor (``_data_tensors``) still to be read by a later node or to be returned: every later tensor depends on
-    the graph inputs' data only through them. Spread evenly over those found, the last one always included."""
+    """Checkpoints of a run of ``model`` for ``outputs``: ``articulations`` of all of them (up to ``count``, spread
+    evenly, the last included) and, where there are several outputs, the last articulation of each one's own
+    upstream (where a run that needs only some of them, after a change between them, can start)."""
+    found = articulations(model, outputs)
+    if len(found) > count:
+        step = len(found) / count
+        found = [found[min(len(found) - 1, round((k + 1) * step) - 1)] for k in range(count)]
+    if len(outputs) > 1:
+        for o in outputs:
+            own = articulations(model, [o], only=True)
+            if own and own[-1] not in found:
+                found.append(own[-1])
+    return found
+
+
+def articulations(model: onnx.ModelProto, outputs: list[str], only: bool = False) -> list[str]:
+    """The tensors of ``model`` (nodes in file order; with ``only``, just those ``outputs`` need, returned or not)
+    that are, after their producer, the only data tensor (``_data_tensors``) still to be read by a later node or
+    to be returned: every later tensor depends on the graph inputs' data only through them."""
     g = model.graph
     data = _data_tensors(g)
-    wanted = set(outputs) | {o.name for o in g.output}
+    nodes = list(g.node)
+    if only:
+        needed = upstream_nodes(g, outputs)
+        nodes = [n for n in nodes if id(n) in needed]
+    wanted = set(outputs) | (set() if only else {o.name for o in g.output})
     last_use: dict[str, int] = {}
-    for i, n in enumerate(g.node):
+    for i, n in enumerate(nodes):
         for t in n.input:
             if t in data:
                 last_use[t] = i
-    end = len(g.node)
+    end = len(nodes)
     for t in wanted:
         if t in data:
             last_use[t] = end
     live: set[str] = {i.name for i in g.input if i.name in data and i.name in last_use}
     found: list[str] = []
-    for i, n in enumerate(g.node):
+    for i, n in enumerate(nodes):
         for t in n.input:
             if t in live and last_use.get(t, -1) <= i:
                 live.discard(t)
@@ -170,10 +190,25 @@ def checkpoints(model: onnx.ModelProto, outputs: list[str], count: int = CHECKPO
             (t,) = live
             if t not in found and t in {o for o in n.output}:
                 found.append(t)
-    if len(found) <= count:
-        return found
-    step = len(found) / count
-    return [found[min(len(found) - 1, round((k + 1) * step) - 1)] for k in range(count)]
+    return found
+
+
+def upstream_nodes(g: onnx.GraphProto, outputs: list[str]) -> set[int]:
+    """ids of the nodes ``outputs`` are computed from."""
+    producer = {o: n for n in g.node for o in n.output}
+    seen: set[int] = set()
+    todo = list(outputs)
+    done: set[str] = set()
+    while todo:
+        t = todo.pop()
+        if t in done:
+            continue
+        done.add(t)
+        n = producer.get(t)
+        if n is not None and id(n) not in seen:
+            seen.add(id(n))
+            todo.extend(i for i in n.input if i)
+    return seen
 
 
 def region(model: onnx.ModelProto, outputs: list[str], fed: set[str]) -> set[str]:

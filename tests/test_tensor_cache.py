@@ -129,3 +129,9 @@ def test_calibration_from_kept_tensors_equals_a_plain_one() -> None:
     plain_stats = calibrate(changed, last, d, moments=True)
     np.testing.assert_array_equal(with_cache["relu3"].count_on, plain_stats["relu3"].count_on)
     np.testing.assert_allclose(with_cache["relu3"].affine_fit(), plain_stats["relu3"].affine_fit(), rtol=1e-9)
+
+
+def test_a_run_for_several_outputs_also_keeps_the_last_checkpoint_before_each() -> None:
+    """Outputs h1 and y: spread over all (one here: h2), plus the last one before h1 (h0), where a later run that
+    needs h1 of a model changed in block 1 starts."""
+    assert checkpoints(residual_chain(), ["h1", "y"], count=1) == ["h2", "h0"]
