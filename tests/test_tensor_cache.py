@@ -132,6 +132,7 @@ def test_calibration_from_kept_tensors_equals_a_plain_one() -> None:
 
 
 def test_a_run_for_several_outputs_also_keeps_the_last_checkpoint_before_each() -> None:
-    """Outputs h1 and y: spread over all (one here: h2), plus the last one before h1 (h0), where a later run that
-    needs h1 of a model changed in block 1 starts."""
-    assert checkpoints(residual_chain(), ["h1", "y"], count=1) == ["h2", "h0"]
+    """Outputs h1 and y: spread over all (h0, h1: the returned h1 alone is live after block 1; one kept: h1), plus
+    the last one upstream of h1 (h0: where a later run that needs h1 of a model changed in block 1 starts) and of y
+    (h2)."""
+    assert checkpoints(residual_chain(), ["h1", "y"], count=1) == ["h1", "h0", "h2"]
