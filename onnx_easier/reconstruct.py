@@ -60,6 +60,9 @@ BATCH = 32
 # mobilenetv2_wide_digits (8, 0.56 points lost), with a fifth less CPU time per default run
 ROWS_PER_FEATURE = 200
 MIN_SAMPLES = 64
+# positions per batch of a conv's re-fit: ROWS_MARGIN times its rows spread over MIN_SAMPLES, at least MIN_POSITIONS
+ROWS_MARGIN = 4
+MIN_POSITIONS = 1024
 MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re-fitted only from this many rows
 MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
@@ -425,6 +428,18 @@ def _read(model: onnx.ModelProto, targets: Targets, sites: dict[str, _Site], fit
         f.seconds = share
 
 
+def _positions_cap(layer: ConvLayer, max_positions: int | None, batch: int, head: bool) -> int | None:
+    """Output positions used per batch: ``max_positions``, and no more than ROWS_MARGIN times the layer's rows
+    (ROWS_PER_FEATURE per unknown) spread over the MIN_SAMPLES samples it reads anyway, at least MIN_POSITIONS.
+    A depthwise 3x3 (10 unknowns: 2000 rows) at 112x112 in batches of 5 so uses 1024 positions per batch, not
+    20000 (the same rows per unknown, from the same samples; the normal equations' cost is per position)."""
+    if head or layer.nd == 0:
+        return max_positions
+    need = ROWS_MARGIN * ROWS_PER_FEATURE * feature_count(layer) * batch // MIN_SAMPLES
+    cap = max(MIN_POSITIONS, need)
+    return cap if max_positions is None else min(max_positions, cap)
+
+
 def _downstream(node: gs.Node) -> set[str]:
     """Names of the tensors computed from ``node``'s outputs (its outputs included)."""
     seen: set[str] = set()
@@ -505,8 +520,8 @@ def refit_layers(
         for name in [n for n in sites if n not in fits]:
             site = sites[name]
             try:
-                equations = tuple(NormalEquations(site.layer, max_positions_per_batch=max_positions, seed=k)
-                                  for k in (0, 1))
+                equations = tuple(NormalEquations(site.layer, seed=k, max_positions_per_batch=_positions_cap(
+                    site.layer, max_positions, batch, softmax_head and _is_head(site, model))) for k in (0, 1))
             except RefitTooLarge as exc:
                 records.append((order.get(name, 1 << 30),
                                 RefitRecord(name, site.y, float("nan"), float("nan"), False, 0.0, str(exc))))
