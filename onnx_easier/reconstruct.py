@@ -67,6 +67,7 @@ MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re
 MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 PASS_BYTES = 512 * 2**20  # normal equations (fit + check) of the layers read in one pass
+FETCH_BYTES = 256 * 2**20  # and the tensors one batch of that pass fetches for them (layer inputs, targets)
 # a layer whose output is already this close to the original's (relative l2 on its first NEGLIGIBLE_SAMPLES fit
 # samples, at least one batch) is not re-fitted: its pass stops reading for it (an SE block's excitation behind a
 # nearly linear SiLU measures 0 to 1e-5; layers worth a re-fit, 1e-3 and up)
@@ -428,6 +429,18 @@ def _read(model: onnx.ModelProto, targets: Targets, sites: dict[str, _Site], fit
         f.seconds = share
 
 
+def _sample_bytes(graph: gs.Graph, site: _Site) -> int:
+    """Bytes per sample of the tensors a pass fetches for ``site`` (its reads and target, float32; 0 for a
+    tensor whose shape past the batch axis is not static)."""
+    tensors = graph.tensors()
+    total = 0
+    for name in [*site.reads, site.y]:
+        shape = getattr(tensors.get(name), "shape", None)
+        if shape and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            total += 4 * int(np.prod(shape[1:], dtype=np.int64))
+    return total
+
+
 def _positions_cap(layer: ConvLayer, max_positions: int | None, batch: int, head: bool) -> int | None:
     """Output positions used per batch: ``max_positions``, and no more than ROWS_MARGIN times the layer's rows
     (ROWS_PER_FEATURE per unknown) spread over the MIN_SAMPLES samples it reads anyway, at least MIN_POSITIONS.
@@ -516,7 +529,7 @@ def refit_layers(
                 del fits[name]
             sites[name] = site
         fresh: dict[str, _Fit] = {}  # read in this round: the first unread layers whose sums fit in max_bytes
-        size = 0
+        size = volume = 0  # their sums; the tensors one batch of the pass fetches for them
         for name in [n for n in sites if n not in fits]:
             site = sites[name]
             try:
@@ -528,9 +541,11 @@ def refit_layers(
                 pending.remove(name)
                 del sites[name]
                 continue
-            if fresh and size + 2 * equations[0].memory_bytes > max_bytes:
+            fetched = batch * _sample_bytes(graph, site)
+            if fresh and (size + 2 * equations[0].memory_bytes > max_bytes or volume + fetched > FETCH_BYTES):
                 break  # this pass is full: the rest in a later one
             size += 2 * equations[0].memory_bytes
+            volume += fetched
             fresh[name] = _Fit(_key(site), equations, softmax_head and _is_head(site, model), ([], []))
         if fresh:
             _read(model, targets, sites, fresh, fit, check, batch)

@@ -37,6 +37,7 @@ from onnx_easier.joint import digests, mergeable
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = 6  # checkpoints fetched per run, spread over the region it computes (too large ones are not kept)
+MAX_CHECKPOINTS = 10  # with those of the outputs of a run for several
 MAX_BYTES = 128 * 2**20
 _SHAPE_OPS = {"Shape", "Size", "NonZero", "NonMaxSuppression", "ArgMax", "ArgMin", "Range", "ConstantOfShape"}
 _FLOAT_KINDS = "f"
@@ -82,33 +83,38 @@ class TensorCache:
         self._store.move_to_end(key)
         return self._store[key].take(start, stop)
 
-    def offer(self, digest: bytes, data: CalibrationData, start: int, value: np.ndarray, samples: int) -> None:
+    def offer(self, digest: bytes, data: CalibrationData, start: int, value: np.ndarray, samples: int) -> bool:
         """``value``, computed from samples ``[start, start + samples)``: kept when it is batch-major (axis 0 of
-        length ``samples``, a length no other axis has), float, extends the kept prefix and fits."""
+        length ``samples``, a length no other axis has), float, extends the kept prefix and fits. False when this
+        tensor will never be kept for ``data`` (not batch-major, or its values over ``data`` would take over half
+        the budget): the caller stops fetching it."""
         n = samples
         stop = start + n
         if digest in self._refused:
-            return
+            return False
         if value.dtype.kind not in _FLOAT_KINDS or value.ndim == 0 or n == 0 or value.shape[0] != n \
                 or (n > 1 and n in value.shape[1:]):
             self._refused.add(digest)
             self._drop((digest, id(data)))
-            return
+            return False
+        if value.nbytes * data.samples > n * (self.max_bytes // 2):
+            return False  # the whole data set's values would take over half the budget
         key = (digest, id(data))
         entry = self._store.get(key)
         if entry is None:
-            if start != 0 or value.nbytes * data.samples > n * (self.max_bytes // 2):
-                return  # the whole data set's values would take over half the budget
+            if start != 0:
+                return True
             entry = self._store[key] = _Entry(data)
         if entry.filled != start or stop > data.samples:
-            return
+            return True
         if not self._room(key, value.nbytes):
-            return
+            return True
         entry.chunks.append(np.array(value, copy=True))
         entry.filled = stop
         entry.nbytes += value.nbytes
         self._bytes += value.nbytes
         self._store.move_to_end(key)
+        return True
 
     def clear(self) -> None:
         self._store.clear()
@@ -152,7 +158,7 @@ def checkpoints(model: onnx.ModelProto, outputs: list[str], count: int = CHECKPO
     if len(outputs) > 1:
         for o in outputs:
             own = articulations(model, [o], only=True)
-            if own and own[-1] not in found:
+            if own and own[-1] not in found and len(found) < MAX_CHECKPOINTS:
                 found.append(own[-1])
     return found
 
@@ -300,6 +306,8 @@ class CachedRun:
 
     def _run(self, data: CalibrationData, batch: int, skip: int, fed: list[str], filled: int, cut, fetch: list[str],
              inputs: set[str]) -> Iterator[dict[str, np.ndarray] | None]:
+        keep = list(self.keep)  # checkpoints still fetched: those the cache refuses are dropped after one batch
+        fetch = list(fetch)
         start = 0
         for i, feed in enumerate(data.batches(batch)):
             n = next(iter(feed.values())).shape[0] if feed else 0
@@ -316,13 +324,16 @@ class CachedRun:
                 got.update({o: values[o] for o in self.outputs if o in values})
                 self.cache.fed_runs += 1
             else:
-                fetch_all = self.outputs + self.keep
+                fetch_all = self.outputs + keep
                 got = dict(zip(fetch_all, self._full_session().run(fetch_all, feed)))
-            for k in self.keep:
-                if k in got:
-                    self.cache.offer(self.digests[k], data, start, got[k], n)
+            refused = [k for k in keep if k in got and not self.cache.offer(self.digests[k], data, start, got[k], n)]
+            if refused:
+                keep = [k for k in keep if k not in refused]
+                fetch = [f for f in fetch if f not in refused]
+            out = {o: got[o] for o in self.outputs}
+            del got  # the checkpoints' buffers go before the next batch runs
             start = stop
-            yield {o: got[o] for o in self.outputs}
+            yield out
 
     def _plan(self, data: CalibrationData) -> tuple[list[str], int]:
         """The tensors to feed (the first kept ones met walking up from the outputs) and for how many samples."""
