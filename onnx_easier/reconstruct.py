@@ -67,7 +67,7 @@ MIN_ROWS_PER_FEATURE = 1  # a dense layer with one row per sample (a head) is re
 MIN_SHARED = 0.5  # a joint session (original + current) when they share at least this share of the original's cut
 HEAD_BYTES = 64 * 2**20  # features kept in memory per data set for the KL re-fit of a head
 PASS_BYTES = 512 * 2**20  # normal equations (fit + check) of the layers read in one pass
-FETCH_BYTES = 256 * 2**20  # and the tensors one batch of that pass fetches for them (layer inputs, targets)
+FETCH_BYTES = 64 * 2**20  # and the tensors one batch of that pass fetches for them (layer inputs, targets)
 # a layer whose output is already this close to the original's (relative l2 on its first NEGLIGIBLE_SAMPLES fit
 # samples, at least one batch) is not re-fitted: its pass stops reading for it (an SE block's excitation behind a
 # nearly linear SiLU measures 0 to 1e-5; layers worth a re-fit, 1e-3 and up)

@@ -17,7 +17,8 @@ Rules:
   to the graph inputs (every graph input is fed in any case, so a cut model accepts the same feeds).
 - Models with subgraphs (If/Loop/Scan) or local functions, data sets with whole-feed inputs and models with a
   fixed batch size run as they are.
-- A batch past the fed tensors' kept prefix runs on the uncut model.
+- Only tensors kept for the whole data set are fed (a run holds one session: a prefix kept by a run that stopped
+  early is not used; it is extended by the next run that computes the tensor).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = 6  # checkpoints fetched per run, spread over the region it computes (too large ones are not kept)
 MAX_CHECKPOINTS = 10  # with those of the outputs of a run for several
-MAX_BYTES = 128 * 2**20
+MAX_BYTES = 64 * 2**20
 _SHAPE_OPS = {"Shape", "Size", "NonZero", "NonMaxSuppression", "ArgMax", "ArgMin", "Range", "ConstantOfShape"}
 _FLOAT_KINDS = "f"
 
@@ -352,7 +353,7 @@ class CachedRun:
             if node is None:
                 continue
             have = self.cache.filled(self.digests[t], data)
-            if have > 0 and len([o for o in node.output if o]) == 1:
+            if have >= data.samples and len([o for o in node.output if o]) == 1:
                 fed.append(t)
                 filled = min(filled, have)
                 continue

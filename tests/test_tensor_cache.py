@@ -65,15 +65,21 @@ def test_a_later_model_starts_from_the_tensors_an_earlier_one_kept() -> None:
     assert cache.fed_runs == runs
 
 
-def test_a_kept_prefix_serves_its_batches_and_the_rest_runs_uncut() -> None:
+def test_a_prefix_kept_by_a_run_that_stopped_early_is_not_fed_but_extended() -> None:
+    """A run that stopped after 16 of 40 samples leaves a prefix: the next run does not start from it (one
+    session per run) but computes the tensor and completes it, so the run after that starts from it."""
     d, cache = data(), TensorCache()
-    for i, _ in enumerate(CachedRun(residual_chain(), ["y"], cache).batches(d, 8)):
+    first = CachedRun(residual_chain(), ["y"], cache)
+    for i, _ in enumerate(first.batches(d, 8)):
         if i == 1:
             break  # 16 samples kept
+    assert cache.filled(first.digests["h2"], d) == 16
     changed = residual_chain(changed=3)
     got = np.concatenate([b["y"] for b in CachedRun(changed, ["y"], cache).batches(d, 8)])
     np.testing.assert_allclose(got, plain(changed, ["y"], d), rtol=1e-6)
-    assert cache.fed_runs == 2
+    assert cache.fed_runs == 0 and cache.filled(first.digests["h2"], d) == 40
+    list(CachedRun(changed, ["y"], cache).batches(d, 8))
+    assert cache.fed_runs == 5
 
 
 def test_a_kept_tensor_asked_for_directly_is_served_without_a_run() -> None:
