@@ -25,7 +25,7 @@ _SPEC.loader.exec_module(gpu_check)  # its session_caller: which module asked fo
 
 CUDA = "CUDAExecutionProvider"
 HAS_CUDA = CUDA in ort.get_available_providers()
-WORK = {"calibrate", "select", "reconstruct", "api", "execution"}  # sessions on the run's provider
+WORK = {"calibrate", "select", "reconstruct", "api", "execution", "tensor_cache"}  # sessions on the run's provider
 GUARDS = {"safety", "shapes"}  # sessions that stay on CPU (exactness of rewrites)
 
 
@@ -116,8 +116,8 @@ def test_cuda_reaches_every_session(files, sessions) -> None:
     by_module: dict[str, list[list]] = {}
     for module, asked in sessions:
         by_module.setdefault(module, []).append(asked)
-    # calibration, fidelity (Judge), re-fit collection, latency all made sessions
-    assert {"calibrate", "select", "reconstruct", "latency"} <= set(by_module), sorted(by_module)
+    # calibration, fidelity (Judge) and re-fit collection (through tensor_cache.CachedRun), latency made sessions
+    assert {"calibrate", "tensor_cache", "latency"} <= set(by_module), sorted(by_module)
     for module, asked in sessions:
         if module in WORK:
             assert asked == [(CUDA, WORK_OPTIONS["cuda"]), "CPUExecutionProvider"], module
@@ -137,7 +137,7 @@ def test_cuda_reaches_paper_mode_and_analysis(files, sessions) -> None:
 def test_cpu_sessions_are_cpu_only(files, sessions) -> None:
     r = optimize(files["model"], files["data"], tolerance=0.05, provider="cpu", seed=0)
     assert r.report["latency_ms"]["provider"] == "cpu"
-    assert {"calibrate", "select", "reconstruct", "latency"} <= {m for m, _ in sessions}
+    assert {"calibrate", "tensor_cache", "latency"} <= {m for m, _ in sessions}
     assert all(asked == ["CPUExecutionProvider"] for _, asked in sessions)
 
 
