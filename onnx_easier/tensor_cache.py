@@ -172,8 +172,8 @@ def articulations(model: onnx.ModelProto, outputs: list[str], only: bool = False
     data = _data_tensors(g)
     nodes = list(g.node)
     if only:
-        needed = upstream_nodes(g, outputs)
-        nodes = [n for n in nodes if id(n) in needed]
+        needed = region(model, outputs, set())
+        nodes = [n for n in nodes if any(o in needed for o in n.output)]
     wanted = set(outputs) | (set() if only else {o.name for o in g.output})
     last_use: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -198,24 +198,6 @@ def articulations(model: onnx.ModelProto, outputs: list[str], only: bool = False
             if t not in found and t in {o for o in n.output}:
                 found.append(t)
     return found
-
-
-def upstream_nodes(g: onnx.GraphProto, outputs: list[str]) -> set[int]:
-    """ids of the nodes ``outputs`` are computed from."""
-    producer = {o: n for n in g.node for o in n.output}
-    seen: set[int] = set()
-    todo = list(outputs)
-    done: set[str] = set()
-    while todo:
-        t = todo.pop()
-        if t in done:
-            continue
-        done.add(t)
-        n = producer.get(t)
-        if n is not None and id(n) not in seen:
-            seen.add(id(n))
-            todo.extend(i for i in n.input if i)
-    return seen
 
 
 def region(model: onnx.ModelProto, outputs: list[str], fed: set[str]) -> set[str]:
