@@ -28,6 +28,21 @@ def chain(scale2: float = 1.0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def samples(seed: int) -> tuple[CalibrationData, CalibrationData]:
+    """96 fit and 32 check samples for ``chain``."""
+    rng = np.random.default_rng(seed)
+    return (CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)}),
+            CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)}))
+
+
+def last_scaled() -> onnx.ModelProto:
+    """``chain(1.0)`` with the last layer's weight times 1.5."""
+    current = chain(1.0)
+    w2 = numpy_helper.to_array(current.graph.initializer[2])
+    current.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 * 1.5, "w2"))
+    return current
+
+
 def test_statistics_keys_change_only_downstream_of_a_change() -> None:
     before, after = chain(1.0), chain(2.0)
     acts = find_activations(to_graph(infer_shapes(before)))
@@ -77,12 +92,8 @@ def test_refit_reads_both_models_from_one_joint_session_when_they_share_the_pref
     weights equal those of two separate sessions."""
     import onnx_easier.reconstruct as rc
 
-    rng = np.random.default_rng(3)
-    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
-    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
-    current = chain(1.0)
-    w2 = numpy_helper.to_array(current.graph.initializer[2])
-    current.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 * 1.5, "w2"))
+    fit, check = samples(3)
+    current = last_scaled()
     targets = rc.Targets(chain(1.0))
     joint_model, joint_records = rc.refit_layers(current, targets, ["m2"], fit, check)
     assert targets.computed == 0 and targets.complete("h2", fit, rc.BATCH) and targets.complete("h2", check, rc.BATCH)
@@ -102,9 +113,7 @@ def test_layers_refitted_together_equal_one_by_one_with_a_pass_per_kept_fit(monk
     takes 3. Weights and records equal those of the one-by-one calls (each seeing the fits before it)."""
     import onnx_easier.reconstruct as rc
 
-    rng = np.random.default_rng(4)
-    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
-    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    fit, check = samples(4)
     passes = []
     init = rc._Pass.__init__
 
@@ -129,17 +138,15 @@ def test_layers_refitted_together_equal_one_by_one_with_a_pass_per_kept_fit(monk
     got = {t.name: numpy_helper.to_array(t) for t in together.graph.initializer}
     want = {t.name: numpy_helper.to_array(t) for t in alone.graph.initializer}
     assert got.keys() == want.keys()
-    for name in got:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-6, atol=1e-7)
 
 
 def test_a_pass_holds_the_sums_of_as_many_layers_as_fit_its_memory_budget(monkeypatch) -> None:
     """With room for one layer's sums per pass, each layer gets its own pass, in order, and the same result."""
     import onnx_easier.reconstruct as rc
 
-    rng = np.random.default_rng(5)
-    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
-    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
+    fit, check = samples(5)
     passes = []
     init = rc._Pass.__init__
     monkeypatch.setattr(rc._Pass, "__init__", lambda self, m, t, sites, d, b: (
@@ -160,12 +167,8 @@ def test_a_layer_already_matching_the_original_stops_reading_after_its_first_sam
     reads one batch of the fit samples and none of the check samples."""
     import onnx_easier.reconstruct as rc
 
-    rng = np.random.default_rng(6)
-    fit = CalibrationData("mem", 96, {"x": rng.standard_normal((96, 8)).astype(np.float32)})
-    check = CalibrationData("mem", 32, {"x": rng.standard_normal((32, 8)).astype(np.float32)})
-    current = chain(1.0)
-    w2 = numpy_helper.to_array(current.graph.initializer[2])
-    current.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2 * 1.5, "w2"))
+    fit, check = samples(6)
+    current = last_scaled()
     _, records = rc.refit_layers(current, chain(1.0), ["m0", "m1", "m2"], fit, check)
     assert [r.node for r in records] == ["m0", "m1", "m2"]
     for r in records[:2]:
