@@ -215,11 +215,21 @@ class Targets:
     Batches are kept as they are computed, so a reader that stops early (a layer's row cap) leaves the prefix it
     read for the next reader, which continues from there. Everything kept stays within ``max_bytes``: the least
     recently used tensors go first; a tensor that cannot fit even alone keeps the batches that did and recomputes
-    the rest on every read. Its sessions, and those of the re-fits that read it, run on ``execution``."""
+    the rest on every read. Its sessions, and those of the re-fits that read it, run on ``execution``.
+
+    ``exact``: the original with exact fusions only (the search's starting point), which computes the values: every
+    tensor name the fusions keep holds the original's values (tests/test_targets.py checks it on the example
+    models), and the models the search re-fits share its nodes, so one joint session computes a layer's input and
+    its target together (from the original itself, nothing is shared past the first folded LayerNorm or
+    BatchNorm: a ViT-S re-fit pass ran a second whole forward pass, in a second session). Targets are the
+    tensors of both models (``names``)."""
 
     def __init__(self, original: onnx.ModelProto, max_bytes: int = 128 * 2**20, execution: Execution = CPU,
-                 cache: TensorCache | None = None) -> None:
-        self.original = original
+                 cache: TensorCache | None = None, exact: onnx.ModelProto | None = None) -> None:
+        self.names = {o for n in original.graph.node for o in n.output}
+        if exact is not None:
+            self.names &= {o for n in exact.graph.node for o in n.output}
+        self.original = exact if exact is not None else original  # the model the targets are computed from
         self.execution = execution
         self.cache = cache if cache is not None else TensorCache()  # checkpoints of every run (tensor_cache.py)
         self.max_bytes = max_bytes
@@ -498,7 +508,7 @@ def refit_layers(
     Returns the new model and one record per layer tried (a second one for a KL re-fit).
     """
     targets = original if isinstance(original, Targets) else Targets(original, execution=execution)
-    original_names = {o for n in targets.original.graph.node for o in n.output}
+    original_names = targets.names
     ridges = (float(ridge),) if isinstance(ridge, (int, float)) else tuple(float(r) for r in ridge)
     records: list[tuple[int, RefitRecord]] = []
     order = {n.name: i for i, n in enumerate(model.graph.node)}

@@ -605,7 +605,8 @@ class Search:
     gallop: bool = True  # try consecutive candidates together after acceptances (module doc); False: one by one
 
     def __post_init__(self) -> None:
-        self.targets = Targets(self.original, execution=self.judge.execution, cache=self.judge.cache)
+        self.targets = Targets(self.original, execution=self.judge.execution, cache=self.judge.cache,
+                               exact=self.exact)
         self._memo: dict[tuple, tuple[Trial, str | None, Fidelity | None]] = {}  # model: a file of _spill
         self._spill = Spill()
         self._stats_cache: dict[tuple, ChannelStats] = {}  # stats_keys -> the statistics on the fit samples

@@ -74,6 +74,13 @@ class TensorCache:
         self._bytes = 0
         self.pinned: set[tuple[bytes, int]] = set()  # entries a run is reading: never evicted meanwhile
         self.fed_runs = 0  # batches run from kept tensors (for tests and profiling)
+        self.sample_bytes: dict[str, int] = {}  # bytes per sample of the checkpoints fetched so far, by tensor name
+
+    def too_big(self, name: str, data: CalibrationData) -> bool:
+        """Whether a checkpoint called ``name`` took, when fetched before, over half the budget for ``data`` (a
+        fused model keeps the names and shapes of the tensors after its change: not fetched again.)"""
+        size = self.sample_bytes.get(name)
+        return size is not None and size * data.samples > self.max_bytes // 2
 
     def filled(self, digest: bytes, data: CalibrationData) -> int:
         entry = self._store.get((digest, id(data)))
@@ -258,7 +265,10 @@ class CachedRun:
 
     def batches(self, data: CalibrationData, batch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray] | None]:
         """The outputs per batch of ``data`` (``batch`` samples each, the last one shorter); None, without a run,
-        for the first ``skip`` batches."""
+        for the first ``skip`` batches. Checkpoints known to be too big to keep are not fetched: an extra output
+        of a session holds its buffer apart from ORT's reused ones (a ViT's 10 token tensors: +1.4 GB peak)."""
+        if self.cache is not None and self._full is None:
+            self.keep = [k for k in self.keep if not self.cache.too_big(k, data)]
         if self.digests is None or data.whole:
             session = None
             for i, feed in enumerate(data.batches(batch)):
@@ -309,6 +319,9 @@ class CachedRun:
             else:
                 fetch_all = self.outputs + keep
                 got = dict(zip(fetch_all, self._full_session().run(fetch_all, feed)))
+            for k in keep:
+                if k in got and n:
+                    self.cache.sample_bytes[k] = got[k].nbytes // n
             refused = [k for k in keep if k in got and not self.cache.offer(self.digests[k], data, start, got[k], n)]
             if refused:
                 keep = [k for k in keep if k not in refused]

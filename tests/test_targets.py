@@ -97,3 +97,27 @@ def test_a_tensor_that_cannot_fit_evicts_nothing() -> None:
     list(t.batches("r", DATA, 40))  # one batch of 40 samples cannot fit at all: h stays
     list(t.batches("h", DATA, 8))
     assert t.computed == 5 + 1 + 2
+
+
+@pytest.mark.parametrize("name", ["ffn_digits", "mobilenetv2_digits", "resnet_digits"])
+def test_the_exact_fusions_keep_the_values_of_every_name_they_keep(name: str) -> None:
+    """Targets computes the original's tensors from the exact-fused model (``exact=``): each tensor name both models
+    hold must carry the same values (the fusions rename what they change). Unfused BatchNorm (mobilenetv2), chains
+    (ffn) and residual blocks (resnet) are folded here."""
+    from pathlib import Path
+
+    from onnx_easier.api import optimize
+    from onnx_easier.calibrate import upstream
+    from onnx_easier.model_io import make_session
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    original = onnx.load(models / f"{name}.onnx")
+    feeds = np.load(models / "digits16_calib.npz")
+    exact = optimize(original, str(models / "digits16_calib.npz"), tolerance=0).model
+    t = Targets(original, exact=exact)
+    shared = sorted(t.names)
+    assert len(shared) > 10 and t.original is exact
+    x = {"x": feeds["x"][:16]}
+    got = [make_session(upstream(m, shared)).run(shared, x) for m in (original, exact)]
+    for tensor, a, b in zip(shared, *got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())), err_msg=tensor)

@@ -142,3 +142,21 @@ def test_a_run_for_several_outputs_also_keeps_the_last_checkpoint_before_each() 
     the last one upstream of h1 (h0: where a later run that needs h1 of a model changed in block 1 starts) and of y
     (h2)."""
     assert checkpoints(residual_chain(), ["h1", "y"], count=1) == ["h1", "h0", "h2"]
+
+
+def test_checkpoints_too_big_to_keep_are_not_fetched_again() -> None:
+    """A cache whose budget cannot hold a checkpoint over the data set refuses it after the first batch; later
+    runs (another model with the same tensor names, as after a fusion) no longer ask ORT for it, and still
+    compute the right outputs."""
+    d = data()
+    cache = TensorCache(max_bytes=2 * 40 * 6 * 4 - 8)  # half the budget is just under one tensor over 40 samples
+    first = CachedRun(residual_chain(), ["y"], cache)
+    assert first.keep == ["h0", "h1", "h2"]
+    list(first.batches(d, 8))
+    assert cache.sample_bytes == {"h0": 24, "h1": 24, "h2": 24} and cache.too_big("h1", d)
+    assert not cache.too_big("h1", data(20))  # another data set, half the samples: it would fit
+    changed = residual_chain(changed=3)
+    second = CachedRun(changed, ["y"], cache)
+    got = np.concatenate([b["y"] for b in second.batches(d, 8)])
+    assert second.keep == [] and cache.fed_runs == 0
+    np.testing.assert_allclose(got, plain(changed, ["y"], d), rtol=1e-6)
