@@ -146,3 +146,24 @@ def test_weightless_keeps_shape_operands_and_types_the_weights() -> None:
         return {v.name: str(v.type) for v in [*inferred.graph.value_info, *inferred.graph.output]}
 
     assert shapes(light) == shapes(model) and "dim_value: 3" in shapes(light)["y"]
+
+
+def test_a_work_session_holds_no_model_bytes_and_its_threads_do_not_spin() -> None:
+    """Work sessions (lean): ORT's Python object no longer keeps the serialized model (a second copy of the
+    weights for a CPU fallback, disabled), and intra-op threads sleep between runs (spinning ones held a core
+    while the search's numpy work ran: tests of the timing are in the README, not here)."""
+    from onnx import TensorProto, helper
+
+    from onnx_easier.model_io import make_session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = make_session(model)
+    assert getattr(sess, "_model_bytes", None) is None
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    timed = make_session(model, lean=False)  # as deployed: ORT's default (an unset entry raises)
+    with pytest.raises(Exception):  # noqa: B017 - ORT raises its own RuntimeException type
+        timed.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    np.testing.assert_array_equal(sess.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0], [0.0, 2.0])
