@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
 from functools import lru_cache
 
@@ -27,8 +28,25 @@ def _trim():
         return None
 
 
+RESIDENT_FLOOR = 256 * 2**20  # below this resident set there is nothing worth giving back: release() returns
+
+
+def _resident() -> int | None:
+    """The process's resident set in bytes (Linux: /proc/self/statm), or None where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def release() -> None:
-    """Collect reference cycles, then return the C heap's free memory to the system where glibc allows it."""
+    """Collect reference cycles, then return the C heap's free memory to the system where glibc allows it. Skipped
+    while the process holds under RESIDENT_FLOOR (a full collection takes ~12 ms however small the model: 18 of
+    them were 8% of ffn_digits' default run)."""
+    resident = _resident()
+    if resident is not None and resident < RESIDENT_FLOOR:
+        return
     gc.collect()
     trim = _trim()
     if trim is not None:

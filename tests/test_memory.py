@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from onnx_easier import memory
 from onnx_easier.memory import _trim, release
 
 
@@ -16,7 +17,8 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_freed_heap_blocks_go_back_to_the_system() -> None:
+def test_freed_heap_blocks_go_back_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "RESIDENT_FLOOR", 0)
     assert _trim() is not None
     # blocks just under glibc's raised mmap threshold come from the heap; freed, they stay resident until trimmed
     big = np.empty(16 * 2**20, np.uint8)  # freeing a 16 MB mmap'ed block raises the threshold to 16 MB
@@ -28,3 +30,17 @@ def test_freed_heap_blocks_go_back_to_the_system() -> None:
     release()
     assert _rss_mb() < before - 100
     del blocks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_small_process_is_not_collected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under RESIDENT_FLOOR there is nothing worth giving back: no collection (each one costs ~12 ms)."""
+    calls: list[int] = []
+    monkeypatch.setattr(memory.gc, "collect", lambda *a: calls.append(1) or 0)
+    assert memory._resident() > 0
+    monkeypatch.setattr(memory, "RESIDENT_FLOOR", memory._resident() + 2**30)
+    release()
+    assert calls == []
+    monkeypatch.setattr(memory, "RESIDENT_FLOOR", 0)
+    release()
+    assert calls == [1]
