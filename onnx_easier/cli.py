@@ -31,6 +31,7 @@ from rich.text import Text
 
 from onnx_easier import __version__
 from onnx_easier.errors import BadArgumentError, OnnxEasierError
+from onnx_easier.memory import one_heap
 
 log = logging.getLogger("onnx_easier")
 
@@ -283,6 +284,7 @@ def _write_reports(rep: dict, paths: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnx-easier`` command."""
     args = build_parser().parse_args(argv)
+    one_heap()  # before ORT starts any thread (memory.one_heap)
     console = _setup_logging(args.verbose, args.quiet)
     interrupts = Interrupts()
     previous = signal.getsignal(signal.SIGINT)

@@ -44,3 +44,18 @@ def test_a_small_process_is_not_collected(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(memory, "RESIDENT_FLOOR", 0)
     release()
     assert calls == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_the_cli_asks_glibc_for_one_heap_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory.one_heap sets M_ARENA_MAX (glibc accepts it); the CLI calls it before parsing leads anywhere."""
+    from onnx_easier import cli
+
+    assert memory.one_heap() is True
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "one_heap", lambda: calls.append(1) or True)
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert calls == []  # argparse exits on --version before: nothing runs, nothing to set
+    assert cli.main(["/nonexistent/in.onnx", "/tmp/out.onnx"]) != 0
+    assert calls == [1]
