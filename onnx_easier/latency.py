@@ -14,8 +14,8 @@ The measurement is time-budgeted, on the clock of its basis (below: thread CPU t
 ``repeats=None`` each block is sized from the warm-up timings so that ``rounds`` rounds of all models take about
 ``budget_s`` seconds; with ``rounds=None`` rounds go on until the budget is spent (at least MIN_ROUNDS, at most
 MAX_ROUNDS; with a ``reference``, from EARLY_LOOK of the budget and of the rounds on, as soon as every comparison
-is resolved: see below). A model slower than the budget still gets MIN_ROUNDS blocks of one run. A thread CPU budget keeps
-the rounds as many on a busy machine as on an idle one (the wall time grows with the load, as every other step's
+is resolved: see below). A model slower than the budget still gets MIN_ROUNDS blocks of one run. A thread CPU
+budget keeps the rounds as many on a busy machine as on an idle one (the wall time grows with the load, as every other step's
 does), up to MAX_WALL_FACTOR x ``budget_s`` of wall time.
 
 ``provider="cuda"`` uses CUDAExecutionProvider (CPU for the nodes it lacks) with IO binding: inputs are copied to
@@ -37,8 +37,9 @@ go on past ``budget_s`` until every comparison a choice within the margin depend
 reference; each model not slower than the reference against the fastest of them, by ``fast_ties``) has its
 interval entirely on one side of ``1 + margin``, or until MAX_BUDGET_FACTOR x ``budget_s`` or MAX_ROUNDS rounds;
 then the median ratios decide. The first look is at EARLY_LOOK of the budget and of the rounds it was sized for
-(8 of 20, the fewest rounds whose 99% sign-test interval exists: it is their range, so all 8 must lie on one side): a merge
-that clearly gains or clearly loses stops there (ffn_digits' 0.66x: 0.6 s of thread CPU time instead of 1.5).
+(8 of 20, the fewest rounds whose 99% sign-test interval exists: it is their range, so all 8 must lie on one
+side): a merge that clearly gains or clearly loses stops there (ffn_digits' 0.66x: 0.6 s of thread CPU time
+instead of 1.5).
 """
 from __future__ import annotations
 

@@ -61,9 +61,9 @@ def one_heap() -> bool:
 
     ORT's intra-op threads otherwise get heaps of their own: what a run frees in one of them is not reused by the
     next run's allocations in another, and a ViT-S default run peaked anywhere from 2.0 to 3.1 GB (a re-fit pass
-    grew by 1.2 GB over 8 batches); with one heap 1.83-1.88 GB in three runs, at the same time. Process-wide and for threads
-    not yet started, so the CLI calls it first thing (a library should not change its host's allocator: the
-    Python API does not)."""
+    grew by 1.2 GB over 8 batches); with one heap 1.83-1.88 GB in three runs, at the same time. Process-wide and
+    for threads not yet started, so the CLI calls it first thing (a library should not change its host's
+    allocator: the Python API does not)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -278,7 +278,8 @@ class CachedRun:
     def batches(self, data: CalibrationData, batch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray] | None]:
         """The outputs per batch of ``data`` (``batch`` samples each, the last one shorter); None, without a run,
         for the first ``skip`` batches. Checkpoints known to be too big to keep are not fetched: an extra output
-        of a session holds its buffer apart from ORT's reused ones (a ViT's 10 token tensors: +1.4 GB peak)."""
+        of a session is a buffer of its own, apart from those ORT reuses within a run (a ViT-S token tensor of a
+        batch is 7.5 MB, ten of them per run)."""
         if self.cache is not None and self._full is None:
             self.keep = [k for k in self.keep if not self.cache.too_big(k, data)]
         if self.digests is None or data.whole:
