@@ -36,7 +36,7 @@ from onnx_easier.data import (
 )
 from onnx_easier.errors import BadArgumentError, OnnxEasierError, VerificationError
 from onnx_easier.execution import CPU, Execution, resolve
-from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric
+from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric, holdout_needed
 from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
 from onnx_easier.memory import release
@@ -267,6 +267,13 @@ def _analyze(model: str | os.PathLike | onnx.ModelProto, data: DataSource, *, sa
     return Analysis(named, source, calib, acts, stats, before, seconds)
 
 
+def _output_shapes(model: onnx.ModelProto) -> list[list[int | str | None]]:
+    """The graph outputs' shapes as declared (ints, symbolic names, None where unknown): default_metric's input
+    before anything has run."""
+    return [[d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in o.type.tensor_type.shape.dim]
+            for o in model.graph.output]
+
+
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     data: DataSource = None,
@@ -421,8 +428,7 @@ def _unchanged(analysis: Analysis, pre: tuple[onnx.ModelProto, FusionResult], *,
     note = "not measured: no change (no pass changed the graph; the input is written as it is)"
     log.info("no pass changed the graph: the input is written as it is, nothing measured")
     rtol = exact_rtol(analysis.model)
-    shapes = [[d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in o.type.tensor_type.shape.dim]
-              for o in out.graph.output]
+    shapes = _output_shapes(out)
     report = analysis.report()
     report["mode"] = "tolerance"
     report["linearize"] = mode
@@ -588,8 +594,10 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         if unchanged:
             return unchanged
     # the parts are views of one reordered copy, which replaces the data as loaded: held once, not twice
+    planned = metric or default_metric(_output_shapes(analysis.model))  # the Judge's, before anything has run
     analysis.data, (fit, check, holdout) = permuted_split(
-        analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed)
+        analysis.data, batch_multiple(input_specs(analysis.model), analysis.data) or 1, seed,
+        holdout_needed(planned, tolerance))
     batch = run_batch(analysis.model, holdout, choose_batch_size(  # the fidelity runs' and the re-fits' batch
         input_specs(analysis.model), holdout, max_batch=32, sample_bytes=activation_bytes(analysis.model, shapes)))
     judge = Judge(analysis.model, holdout, metric, tolerance, batch, execution)

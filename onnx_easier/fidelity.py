@@ -399,6 +399,13 @@ def resolution(metric: str, samples: int, confidence: float = CONFIDENCE) -> flo
     return binomial_upper(0, samples, confidence) if metric == "agreement" else 0.0
 
 
+def holdout_needed(metric: str, tolerance: float, confidence: float = CONFIDENCE) -> int:
+    """Held-out samples that resolve ``tolerance``: for ``agreement``, the fewest whose upper bound with one flip
+    seen is within it (bounds.samples_for(tolerance, events=1): 388 at 0.01, 90%); 0 for the other metrics (a
+    bootstrap bound has no floor of that kind) and for tolerance 0."""
+    return samples_for(tolerance, confidence, events=1) if metric == "agreement" and tolerance > 0 else 0
+
+
 def resolution_warning(metric: str, samples: int, tolerance: float, holdout_fraction: float,
                        confidence: float = CONFIDENCE) -> str | None:
     """One line when the held-out samples cannot resolve ``tolerance`` with the agreement metric: a single flipped
@@ -406,7 +413,7 @@ def resolution_warning(metric: str, samples: int, tolerance: float, holdout_frac
     none does (then the effective tolerance is the resolution). None otherwise."""
     if metric != "agreement" or tolerance <= 0 or binomial_upper(1, samples, confidence) <= tolerance:
         return None
-    need = samples_for(tolerance, confidence, events=1)
+    need = holdout_needed(metric, tolerance, confidence)
     total = math.ceil(need / holdout_fraction)
     floor = resolution(metric, samples, confidence)
     head = (f"{samples} held-out samples cannot resolve the tolerance {tolerance:g}: "

@@ -86,6 +86,7 @@ MAX_CHUNK = 8  # candidates tried together at most (galloping)
 REFIT_DEPTH = 1  # re-fit the first layer(s) downstream of a linearized activation (2 helped little, cost 2x)
 HOLDOUT_FRACTION = 0.25
 MAX_HOLDOUT = 1024
+MAX_HOLDOUT_SHARE = 1 / 3  # the held-out part grows up to this share of the data to resolve the tolerance
 LOOKS = (0.125, 0.25, 0.5)  # shares of the held-out samples after which a trial may be rejected early (Judge)
 MIN_LOOK = 32  # samples before the first look
 REJECT_ERROR = 0.05  # chance of rejecting early a candidate within the tolerance (union bound over the looks)
@@ -283,11 +284,13 @@ def split_data(data: CalibrationData, multiple: int = 1,
     return permuted_split(data, multiple, seed)[1]
 
 
-def permuted_split(data: CalibrationData, multiple: int = 1, seed: int = 0
+def permuted_split(data: CalibrationData, multiple: int = 1, seed: int = 0, holdout: int = 0
                    ) -> tuple[CalibrationData, tuple[CalibrationData, CalibrationData, CalibrationData]]:
     """``data`` reordered (one copy) and its (fit, check, holdout) parts as views of that copy, drawn at random
     (seeded) so that data stored in any order (e.g. class by class) give three parts alike: a quarter (at most
-    MAX_HOLDOUT samples) measures fidelity; of the rest, a fifth decides whether a re-fit is kept. Each part keeps
+    MAX_HOLDOUT samples) measures fidelity, or ``holdout`` samples where that is more (fidelity.holdout_needed: what
+    resolves the tolerance), up to MAX_HOLDOUT_SHARE of the data; of the rest, a fifth decides whether a re-fit is
+    kept. Each part keeps
     the file's order. The copy holds the fit, check and holdout samples in that order, then the samples left out:
     the same samples as ``data``, which a caller may drop for it (the data is then held once, not twice).
     Fewer than 8 samples (8 batches): the three sets are the same (the report says how many samples each had), and
@@ -301,7 +304,7 @@ def permuted_split(data: CalibrationData, multiple: int = 1, seed: int = 0
     def down(k: int) -> int:  # at least one batch, whole batches
         return max(multiple, k - k % multiple)
 
-    h = down(min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION))))
+    h = down(min(MAX_HOLDOUT, max(1, round(n * HOLDOUT_FRACTION), min(holdout, int(n * MAX_HOLDOUT_SHARE)))))
     c = down(max(1, (n - h) // 5))
     order = np.random.default_rng(seed).permutation(data.samples)
     parts = (np.sort(order[h + c:n]), np.sort(order[h:h + c]), np.sort(order[:h]))
@@ -351,7 +354,7 @@ class Judge:
         samples = sum(r[0].shape[0] for r in self.reference) if self.reference else 0
         self.resolution = resolution(effective, samples)
         self.effective_tolerance = max(tolerance, self.resolution) if tolerance > 0 else tolerance
-        self.warning = resolution_warning(effective, samples, tolerance, HOLDOUT_FRACTION)
+        self.warning = resolution_warning(effective, samples, tolerance, MAX_HOLDOUT_SHARE)
         counts = np.cumsum([r[0].shape[0] for r in self.reference]) if self.reference else np.zeros(0)
         wanted = [samples * f for f in LOOKS if samples * f >= MIN_LOOK]
         self.looks = sorted({int(np.searchsorted(counts, w)) for w in wanted} - {len(counts) - 1})

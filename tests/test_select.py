@@ -63,7 +63,7 @@ def test_always_on_activation_is_linearized_and_its_layers_merge(setup) -> None:
     assert acts["r2"]["fidelity"] > 0.01
     assert r.report["after"]["compute_nodes"] == 2  # fc1 and fc2 became one Gemm
     assert r.report["fidelity"]["value"] <= 0.01
-    assert r.report["fidelity"]["samples"] == 100
+    assert r.report["fidelity"]["samples"] == 133  # a third of 400: 388 would resolve 0.01 (holdout_needed)
     assert r.report["latency_ms"]["batch"] == 1
     x = np.load(setup["data"])["x"][:50]
     ya = make_session(onnx.load(str(setup["model"]))).run(None, {"x": x})[0]
