@@ -125,6 +125,27 @@ def test_split_in_whole_batches_for_a_fixed_batch_model() -> None:
     assert [d.samples for d in split_data(data)] == [62, 15, 26]  # no fixed batch: as before
 
 
+def test_the_held_out_part_grows_to_resolve_the_tolerance_up_to_a_third() -> None:
+    """With the agreement metric a quarter may not resolve the tolerance: 388 samples do at 0.01 (one flip's 90%
+    bound within it); the held-out part takes them, up to a third of the data; other metrics and tolerance 0 keep a
+    quarter. The parts stay disjoint and cover the data."""
+    from onnx_easier.bounds import binomial_upper
+    from onnx_easier.fidelity import holdout_needed
+    from onnx_easier.select import permuted_split
+
+    need = holdout_needed("agreement", 0.01)
+    assert need == 388 and binomial_upper(1, need, 0.9) <= 0.01 < binomial_upper(1, need - 1, 0.9)
+    assert holdout_needed("rel-l2", 0.01) == 0 and holdout_needed("agreement", 0.0) == 0
+    for n, held in [(1257, 388), (400, 133), (4000, 1000), (200, 66)]:
+        data = CalibrationData("t", n, {"x": np.arange(n, dtype=np.float32)[:, None]})
+        _, (fit, check, hold) = permuted_split(data, holdout=need)
+        assert hold.samples == held, n
+        seen = [set(d.arrays["x"][:, 0].tolist()) for d in (fit, check, hold)]
+        assert sum(map(len, seen)) == n and len(set().union(*seen)) == n
+    data = CalibrationData("t", 1257, {"x": np.zeros((1257, 1), np.float32)})
+    assert permuted_split(data, holdout=0)[1][2].samples == 314
+
+
 def test_adjacent_runs_follow_the_chain() -> None:
     from onnx_easier.activations import find_activations
     from onnx_easier.model_io import to_graph
