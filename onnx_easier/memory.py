@@ -16,16 +16,21 @@ import sys
 from functools import lru_cache
 
 
-@lru_cache(maxsize=1)
-def _trim():
-    """glibc's malloc_trim, or None (other C libraries, other systems)."""
+@lru_cache(maxsize=2)
+def _libc(symbol: str):
+    """The C library's function ``symbol`` (glibc's malloc_trim, mallopt), or None (other systems, other C
+    libraries)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), symbol)
     except (OSError, AttributeError):
         return None
+
+
+def _trim():
+    """glibc's malloc_trim, or None."""
+    return _libc("malloc_trim")
 
 
 RESIDENT_FLOOR = 256 * 2**20  # below this resident set there is nothing worth giving back: release() returns
@@ -64,10 +69,5 @@ def one_heap() -> bool:
     grew by 1.2 GB over 8 batches); with one heap 1.83-1.88 GB in three runs, at the same time. Process-wide and
     for threads not yet started, so the CLI calls it first thing (a library should not change its host's
     allocator: the Python API does not)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, 1))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _libc("mallopt")
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1))
