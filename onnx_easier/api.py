@@ -39,7 +39,7 @@ from onnx_easier.execution import CPU, Execution, resolve
 from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_metric, holdout_needed
 from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
-from onnx_easier.memory import release
+from onnx_easier.memory import exempt_live_objects, release
 from onnx_easier.model_io import (
     check_model,
     external_dir,
@@ -181,6 +181,7 @@ class Laps:
 
     def __init__(self, on_step: StepHook | None = None) -> None:
         self.on_step = on_step
+        self.created = time.perf_counter()  # the run's start
         self.seconds: dict[str, float] = {}
         self._running: str | None = None
         self._t0 = 0.0
@@ -315,9 +316,10 @@ def optimize(
     candidates accepted until then) goes on to the latency step and is written, and the report says the search was
     cut short (``report["time_limit"]``). None: no limit.
     ``distill`` (budget mode, needs torch): a candidate that fails the budget by at most 2.5x is distilled to the
-    original and judged again (distill.Recovery), and the chosen model is distilled once more, kept only if its
-    fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers (default)
-    or ``all``; ``distill_seconds``: the time for all of it (None: 0.6 of the search's own time, distill.BUDGET_SHARE).
+    original and judged again (distill.Recovery), and the chosen model is distilled with the time left, kept only if
+    its fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers
+    (default) or ``all``; ``distill_seconds``: the time for all of it (None: 0.7 of the run's own time so far,
+    distill.BUDGET_SHARE).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """
@@ -610,7 +612,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     recovery = None if distill_scope is None else _recovery(analysis.model, exact_model, fit, check, judge,
-                                                            distill_scope, distill_seconds, seed, provider)
+                                                            distill_scope, distill_seconds, seed, provider,
+                                                            laps.created)
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
                     max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all,
                     recover=recovery)
@@ -676,9 +679,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
         distilled = {"kept": False, "scope": distill_scope, "note": "no search model was chosen: nothing to distil"}
     elif distill_scope is not None:
         laps.start("distillation", f"distilling the merged layers to the original ({distill_scope})")
-        seconds = max(DISTILL_MIN_SECONDS, recovery.left())
-        out, fidelity, distilled = _distill(analysis, exact_model, out, fidelity, fit, check, judge,
-                                            distill_scope, seconds, seed, provider)
+        out, fidelity, distilled = _distill(analysis, out, fidelity, judge, recovery)
 
     tried: dict[str, float] = {}  # the fidelity each activation had when first tried by the strategy kept
     for r in [result] if result else results:
@@ -756,7 +757,6 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
     return max((output_error(ref, session.run(names, feed)) for ref, feed in zip(expected, feeds)), default=0.0)
 
 
-DISTILL_MIN_SECONDS = 2.0  # the chosen model's distillation gets at least this
 DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
 
 
@@ -771,26 +771,34 @@ def _check_distill(scope: str, seconds: float | None) -> None:
 
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
-              judge: Judge, scope: str, seconds: float | None, seed: int, provider: str) -> Callable:
-    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection. The
-    import of torch (a second or more) is charged to the distillation's time."""
+              judge: Judge, scope: str, seconds: float | None, seed: int, provider: str,
+              started: float) -> Callable:
+    """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection, and
+    the chosen model what time is left. torch's import (a second or more) is charged to the distillation's time;
+    its objects are then left out of the garbage collections of the run (memory.exempt_live_objects: otherwise
+    every release() between steps scans them)."""
     t0 = time.perf_counter()
     from onnx_easier.distill import Recovery, torch_device
 
+    exempt_live_objects()
     return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
-                    scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0)
+                    scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0,
+                    started=started)
 
 
-def _distill(analysis: Analysis, baseline: onnx.ModelProto, model: onnx.ModelProto, fidelity: Fidelity,
-             fit: CalibrationData, check: CalibrationData, judge: Judge, scope: str, seconds: float, seed: int,
-             provider: str) -> tuple[onnx.ModelProto, Fidelity, dict]:
-    """``model`` distilled (distill.py; the layers changed from ``baseline``, the exact fusions, with scope
-    ``merged``), with its fidelity on the held-out samples, if that improved; else ``model`` and ``fidelity``
-    unchanged. The report's ``distill``: fidelity before / after, kept, and the training's figures."""
-    from onnx_easier.distill import distill, torch_device
-
-    r = distill(analysis.model, model, fit, check, baseline=baseline, scope=scope, metric=judge.metric,
-                seconds=seconds, seed=seed, device=torch_device(provider))
+def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, judge: Judge,
+             recovery: Callable) -> tuple[onnx.ModelProto, Fidelity, dict]:
+    """``model`` distilled with the time ``recovery`` has left (distill.Recovery.final: the layers changed from the
+    exact fusions, with scope ``merged``), with its fidelity on the held-out samples, if that improved; else
+    ``model`` and ``fidelity`` unchanged. The report's ``distill``: fidelity before / after, kept, and the
+    training's figures (a ``note`` instead when no time was left)."""
+    r = recovery.final(model)
+    if r is None:
+        note = (f"no time left for the chosen model: {recovery.used:.1f} s of the {recovery.budget():.1f} s "
+                f"budget used")
+        log.info("no distillation: %s", note)
+        return model, fidelity, {"before": float(fidelity.value), "after": float(fidelity.value), "kept": False,
+                                 "scope": recovery.scope, "note": note}
     after = judge(r.model) if r.model is not model else fidelity
     kept = bool(after.value < fidelity.value and (after.accepted or not fidelity.accepted))
     rep = {"before": float(fidelity.value), "after": float(after.value), "kept": kept, **r.as_report()}

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-scope", choices=("merged", "all"), default="merged",
                    help="layers --distill trains: those the search merged or re-fitted (default), or all")
     p.add_argument("--distill-seconds", type=float, metavar="S",
-                   help="time for all of --distill (default: 0.6 of the search's own time)")
+                   help="time for all of --distill (default: 0.7 of the run's own time)")
     p.add_argument("--keep-failed", action="store_true",
                    help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")

@@ -393,9 +393,10 @@ def distill(
 
 
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
-RECOVER_MIN_SECONDS = 4.0  # no distillation starts with less time left than this
+RECOVER_MIN_SECONDS = 1.5  # no distillation in the search starts with less time left than this
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
-BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the search's own time so far
+FINAL_MIN_SECONDS = 0.3  # the chosen model is not distilled with less time left than this (its setup alone)
+BUDGET_SHARE = 0.7  # without --distill-seconds, all distillation gets this share of the run's own time so far
 
 
 class Recovery:
@@ -404,21 +405,22 @@ class Recovery:
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
     distilled model (``model`` itself when the check samples showed no gain; None when not tried).
 
-    Time: ``seconds`` in all (None: at any moment ``BUDGET_SHARE`` of the time the search has taken so far, so that
-    a run with distillation costs less than twice the run without: the rest pays for judging the distilled candidates
-    again, torch's import and the chosen model's last check; a candidate tried early may find no time yet), at most
-    ``RECOVER_SHARE`` of it per candidate; ``spent``: seconds already charged (torch's import). Each distillation is
-    charged all its time, its setup (the torch/ORT comparison, the original's outputs) included. ``records`` keeps
-    one entry per distillation."""
+    Time: ``seconds`` in all; None: at any moment ``BUDGET_SHARE`` of the run's own time so far (since ``started``,
+    the run's start, less the distillation's time), so that a run with distillation costs less than twice the run
+    without: the rest pays for judging distilled candidates again and the chosen model's last check. A candidate
+    gets at most ``RECOVER_SHARE`` of the budget and is not tried with under ``RECOVER_MIN_SECONDS`` left (a
+    candidate tried early may find no time yet); what is left goes to the chosen model (``final``). Each
+    distillation is charged all its time, its setup (the torch/ORT comparison, the original's outputs) included;
+    ``spent``: seconds charged before (torch's import). ``records`` keeps one entry per candidate distilled."""
 
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
-                 scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0) -> None:
+                 scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0,
+                 started: float | None = None) -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device = scope, seed, device
-        self.started = time.perf_counter()
-        self.spent = spent  # charged before the search started (torch's import): not to come off the search's time
+        self.started = time.perf_counter() if started is None else started
         self.used = spent
         self.records: list[DistillResult] = []
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
@@ -428,11 +430,17 @@ class Recovery:
         return max(0.0, self.budget() - self.used)
 
     def budget(self) -> float:
-        """The whole budget now: ``seconds``, or ``BUDGET_SHARE`` of the search's own time so far (distillation
+        """The whole budget now: ``seconds``, or ``BUDGET_SHARE`` of the run's own time so far (distillation
         excluded)."""
         if self.seconds is not None:
             return self.seconds
-        return BUDGET_SHARE * (time.perf_counter() - self.started - (self.used - self.spent))
+        return BUDGET_SHARE * max(0.0, time.perf_counter() - self.started - self.used)
+
+    def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
+        r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
+                    metric=self.metric, seconds=seconds, seed=self.seed, device=self.device, teacher=self.teacher)
+        self.used += r.seconds
+        return r
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
         if not loss <= RECOVER_FACTOR * self.tolerance:
@@ -440,9 +448,11 @@ class Recovery:
         left = self.left()
         if left < RECOVER_MIN_SECONDS:
             return None
-        share = min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget()))
-        r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
-                    metric=self.metric, seconds=share, seed=self.seed, device=self.device, teacher=self.teacher)
-        self.used += r.seconds
+        r = self._distill(model, min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget())))
         self.records.append(r)
         return r.model
+
+    def final(self, model: onnx.ModelProto) -> DistillResult | None:
+        """The chosen model distilled with all the time left; None when under ``FINAL_MIN_SECONDS`` is left."""
+        left = self.left()
+        return self._distill(model, left) if left >= FINAL_MIN_SECONDS else None
