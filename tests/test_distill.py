@@ -217,6 +217,20 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys) -> None:
     capsys.readouterr()
 
 
+def test_cli_distill_with_no_time_left_says_so(setup) -> None:
+    """A budget too small for any distillation: none in the search, none of the chosen model; the report's
+    ``distill`` says why and the model written is the search's, verified."""
+    out, rep = setup["dir"] / "out.onnx", setup["dir"] / "r.json"
+    args = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.5",
+            "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "0.1"]
+    assert main([str(a) for a in args]) == 0
+    report = json.loads(rep.read_text())
+    d = report["distill"]
+    assert report["strategy"]["chosen"] == "entropy" and report["verification"]["ok"]
+    assert d["kept"] is False and d["note"].startswith("no time left") and d["search"]["distilled"] == 0
+    assert d["before"] == d["after"] == report["fidelity"]["value"]
+
+
 def test_cli_distill_is_deterministic_for_a_seed(setup) -> None:
     """Two runs with the same --seed and a budget that does not cut the training write the same weights; the
     distillations (of the candidate in the search, of the chosen model if any) give the same figures."""
