@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -40,6 +41,9 @@ from onnx_easier.fidelity import DEFAULT_TOLERANCE, METRICS, Fidelity, default_m
 from onnx_easier.fusion import FusionResult
 from onnx_easier.latency import LatencyStats, fast_ties, latency_report, measure_latency
 from onnx_easier.memory import exempt_live_objects, release
+
+if TYPE_CHECKING:  # distill imports torch: only when distillation runs
+    from onnx_easier.distill import Recovery
 from onnx_easier.model_io import (
     check_model,
     external_dir,
@@ -772,7 +776,7 @@ def _check_distill(scope: str, seconds: float | None) -> None:
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
               judge: Judge, scope: str, seconds: float | None, seed: int, provider: str,
-              started: float) -> Callable:
+              started: float) -> Recovery:
     """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection, and
     the chosen model what time is left. torch's import (a second or more) is charged to the distillation's time;
     its objects are then left out of the garbage collections of the run (memory.exempt_live_objects: otherwise
@@ -787,7 +791,7 @@ def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: Calibra
 
 
 def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, judge: Judge,
-             recovery: Callable) -> tuple[onnx.ModelProto, Fidelity, dict]:
+             recovery: Recovery) -> tuple[onnx.ModelProto, Fidelity, dict]:
     """``model`` distilled with the time ``recovery`` has left (distill.Recovery.final: the layers changed from the
     exact fusions, with scope ``merged``), with its fidelity on the held-out samples, if that improved; else
     ``model`` and ``fidelity`` unchanged. The report's ``distill``: fidelity before / after, kept, and the
