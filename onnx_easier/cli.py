@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "rejected, and the chosen model (kept only if its held-out fidelity improves)")
     p.add_argument("--distill-scope", choices=("merged", "all"), default="merged",
                    help="layers --distill trains: those the search merged or re-fitted (default), or all")
+    p.add_argument("--distill-loss", choices=("kl", "logits"), default="kl",
+                   help="how --distill compares a classifier's outputs with the original's: KL of the class "
+                        "distributions (default) or the squared error of the logits (logit regression)")
     p.add_argument("--distill-seconds", type=float, metavar="S",
                    help="time for all of --distill (default: 0.7 of the run's own time)")
     p.add_argument("--keep-failed", action="store_true",
@@ -250,7 +253,8 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
                               try_all=args.try_all,
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
                               time_limit=args.time_limit or None, on_step=display, distill=args.distill,
-                              distill_scope=args.distill_scope, distill_seconds=args.distill_seconds)
+                              distill_scope=args.distill_scope, distill_seconds=args.distill_seconds,
+                              distill_loss=args.distill_loss)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:

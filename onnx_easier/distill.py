@@ -60,7 +60,7 @@ BACKOFF = 3.0  # the learning rate is divided by this when the first evaluation 
 MIN_LR = 1e-5
 DEFAULT_STEPS = 300
 BATCH = 32
-WARMUP = 5  # steps before the first evaluation (too large a rate shows there)
+WARMUP = 5  # at least this many steps of linear warm-up of the rate before the first evaluation
 EVALS = 10  # evaluations on the check samples over the planned steps
 PATIENCE = 4  # evaluations without a gain before stopping
 MIX_SHARE = 0.5  # share of the training batches whose float inputs are mixed with another batch's (mixup)
@@ -87,9 +87,10 @@ class DistillResult:
     note: str = ""
     lr: float = DEFAULT_LR  # the learning rate of the last start
     cut: bool = False  # the time budget stopped it before its steps (the one case where the seed does not decide)
+    loss: str = "kl"  # how classifier outputs were compared: "kl" or "logits"
 
     def as_report(self) -> dict:
-        return {"scope": self.scope, "trained": len(self.trained), "loss_before": self.before,
+        return {"scope": self.scope, "loss": self.loss, "trained": len(self.trained), "loss_before": self.before,
                 "loss_after": self.after, "steps": self.steps, "lr": self.lr, "cut_by_time": self.cut, "seconds": round(self.seconds, 3),
                 "device": self.device, **({"features": self.features} if self.features else {}),
                 **({"note": self.note} if self.note else {})}
@@ -177,13 +178,27 @@ class _Adam:
                 p.grad = None
 
 
-class _Loss:
-    """The distillation loss of one batch against fixed teacher outputs (module doc)."""
+def _ramp(steps: int) -> int:
+    """Warm-up steps of a schedule of ``steps``: one evaluation interval (``steps // EVALS``), at least WARMUP."""
+    return max(1, min(steps, max(WARMUP, steps // EVALS)))
 
-    def __init__(self, classifier: bool, probabilities: list[bool], feature_weight: float) -> None:
+
+def _schedule(step: int, steps: int, ramp: int) -> float:
+    """The rate's factor at ``step`` of ``steps``: linear warm-up over ``ramp`` steps, times a cosine to 0."""
+    return min(1.0, (step + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+
+
+class _Loss:
+    """The distillation loss of one batch against fixed teacher outputs (module doc). ``classifier``: the outputs
+    are compared as class distributions (KL, targets hold log p) when ``logits`` is False, else as logits (relative
+    squared error; targets hold the teacher's logits, or log p where the outputs are probabilities)."""
+
+    def __init__(self, classifier: bool, probabilities: list[bool], feature_weight: float,
+                 logits: bool = False) -> None:
         self.classifier = classifier
         self.probabilities = probabilities
         self.feature_weight = feature_weight
+        self.logits = logits
 
     def __call__(self, got: list[torch.Tensor], want: list[torch.Tensor], n_out: int) -> torch.Tensor:
         total = got[0].new_zeros(())
@@ -193,9 +208,14 @@ class _Loss:
                 s2 = s.reshape(s.shape[0], -1)
                 if self.probabilities[i]:
                     logq = torch.log(torch.clamp(s2 / s2.sum(dim=1, keepdim=True), min=1e-30))
+                elif self.logits:
+                    logq = s2
                 else:
                     logq = torch.log_softmax(s2, dim=1)
-                total = total + (t.exp() * (t - logq)).sum(dim=1).mean()  # t holds log p
+                if self.logits:  # logit regression: the teacher's scores, not only its ranking near 1
+                    total = total + ((logq - t) ** 2).sum() / torch.clamp((t**2).sum(), min=1e-12)
+                else:
+                    total = total + (t.exp() * (t - logq)).sum(dim=1).mean()  # t holds log p
             else:
                 term = ((s - t) ** 2).sum() / torch.clamp((t**2).sum(), min=1e-12)
                 total = total + (term if i < n_out else self.feature_weight * term)
@@ -242,6 +262,7 @@ def distill(
     feature_weight: float = 0.0,
     mixup: bool = False,
     teacher: dict | None = None,
+    loss: str = "kl",
 ) -> DistillResult:
     """``optimized`` with its ``trainable(optimized, baseline or original, scope)`` initializers trained to
     ``original``'s outputs on ``fit`` (early stopping on ``check``; module doc). ``metric``: the fidelity metric
@@ -257,7 +278,7 @@ def distill(
     def skip(note: str) -> DistillResult:
         log.warning("no distillation: %s", note)
         return DistillResult(optimized, [], math.nan, math.nan, 0, time.perf_counter() - t0, scope, device,
-                             note=note)
+                             note=note, loss=loss)
 
     if not names:
         return skip("no layer to train")
@@ -299,19 +320,21 @@ def distill(
     effective = metric or default_metric([v.shape for v in first])
     probabilities = [looks_like_probabilities(v.reshape(v.shape[0], -1)) if v.ndim >= 1 else False for v in first]
     classifier = effective == "agreement" and all(v.ndim == 2 for v in first)
-    loss_fn = _Loss(classifier, probabilities, feature_weight)
+    logits = loss == "logits"
+    loss_fn = _Loss(classifier, probabilities, feature_weight, logits)
 
     def targets(feed: dict[str, np.ndarray]) -> list[torch.Tensor]:
         outs = [np.asarray(v) for v in session.run(out_names, feed)]
         if classifier:
-            outs = [log_probabilities(v.reshape(v.shape[0], -1), p) for v, p in zip(outs, probabilities)]
+            outs = [log_probabilities(v.reshape(v.shape[0], -1), p) if p or not logits else v.reshape(v.shape[0], -1)
+                    for v, p in zip(outs, probabilities)]
         ts = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in outs]
         if teacher_graph is not None:
             with torch.no_grad():
                 ts += [t.detach() for t in teacher_graph.run(feed, features)]
         return ts
 
-    key = (b, tuple(features), classifier, device)
+    key = (b, tuple(features), classifier, logits, device)
     if ("fit", key) not in cache:
         cache[("fit", key)] = [targets(f) for f in fit_feeds]
         cache[("check", key)] = [targets(f) for f in check_feeds]
@@ -342,12 +365,26 @@ def distill(
     initial = best_values
     optimizer = _Adam(student.parameters())
     deadline = t0 + seconds
-    done, stale, order, planned, next_eval = 0, 0, [], steps, min(WARMUP, steps)
+    done, stale, order, planned = 0, 0, [], steps
     begin, fresh = 0, True  # the step the current schedule began at; no evaluation since
+    ramp = _ramp(planned)
+    next_eval = ramp
     cut = False
+    batch_loss = None
+
+    def evaluate() -> float:
+        value = check_loss()
+        log.debug("distillation step %d of %d (lr %.2g): batch loss %.4g, check loss %.4g", done, planned, lr,
+                  batch_loss.item() if batch_loss is not None else math.nan, value)
+        return value
+
     while done < planned and stale < PATIENCE:
         if time.perf_counter() >= deadline:
             cut = True
+            if done > begin and (done < next_eval or fresh):  # steps since the last evaluation: not wasted
+                value = evaluate()
+                if value < best:
+                    best, best_values = value, student.values()
             break
         if not order:
             order = list(rng.permutation(len(fit_feeds)))
@@ -356,22 +393,21 @@ def distill(
         if mix and rng.uniform() < MIX_SHARE:
             feed = mixed(feed, fit_feeds[int(rng.integers(len(fit_feeds)))], float(rng.uniform()))
             target = targets(feed)
-        loss = loss_fn(student.run(feed, wanted), target, len(out_names))
-        if not torch.isfinite(loss) or not loss.requires_grad:  # diverged, or no output depends on the weights
+        batch_loss = loss_fn(student.run(feed, wanted), target, len(out_names))
+        if not torch.isfinite(batch_loss) or not batch_loss.requires_grad:  # diverged, or no output depends on it
             break
-        loss.backward()
-        optimizer.step(lr * 0.5 * (1 + math.cos(math.pi * (done - begin) / max(1, planned - begin))))  # cosine
+        batch_loss.backward()
+        optimizer.step(lr * _schedule(done - begin, planned - begin, ramp))
         done += 1
         if done >= next_eval or done == planned:
-            value = check_loss()
-            log.debug("distillation step %d of %d (lr %.2g): batch loss %.4g, check loss %.4g", done, planned, lr,
-                      loss.item(), value)
+            value = evaluate()
             if fresh and value > before and lr / BACKOFF >= MIN_LR:
-                # the first steps made it worse: too large a step for this model; start again, smaller
+                # after the ramp it is worse than at the start: too large a step for this model; again, smaller
                 lr /= BACKOFF
                 student.load(initial)
                 optimizer = _Adam(student.parameters())
-                begin, stale, next_eval = done, 0, done + min(WARMUP, planned - done)
+                ramp = _ramp(planned - done)
+                begin, stale, next_eval = done, 0, done + ramp
                 continue
             fresh = False
             next_eval = done + max(1, (planned - begin) // EVALS)
@@ -389,7 +425,8 @@ def distill(
     seconds_used = time.perf_counter() - t0
     log.info("distillation: %d initializers, %d steps, check loss %.4g -> %.4g (%.1f s, %s)", len(names), done,
              before, best, seconds_used, device)
-    return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut)
+    return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut,
+                         loss=loss)
 
 
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
@@ -416,10 +453,10 @@ class Recovery:
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
                  scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0,
-                 started: float | None = None) -> None:
+                 started: float | None = None, loss: str = "kl") -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
-        self.scope, self.seed, self.device = scope, seed, device
+        self.scope, self.seed, self.device, self.loss = scope, seed, device, loss
         self.started = time.perf_counter() if started is None else started
         self.used = spent
         self.records: list[DistillResult] = []
@@ -438,7 +475,8 @@ class Recovery:
 
     def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
-                    metric=self.metric, seconds=seconds, seed=self.seed, device=self.device, teacher=self.teacher)
+                    metric=self.metric, seconds=seconds, seed=self.seed, device=self.device, teacher=self.teacher,
+                    loss=self.loss)
         self.used += r.seconds
         return r
 

@@ -94,6 +94,30 @@ def test_distill_recovers_a_damaged_layer() -> None:
     assert err[1] < err[0]  # closer to the original on samples it never saw
 
 
+def test_logits_loss_compares_scores_not_only_distributions() -> None:
+    """``loss="logits"``: a head whose logits are all shifted by 3 has the original's class distribution (KL 0:
+    nothing to train) but not its scores: the relative squared error of the logits, measured before training as
+    computed here by hand, falls by the shift."""
+    original = mlp(bias1=1.0, hidden=32)
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(original)
+    for init in shifted.graph.initializer:
+        if init.name == "b3":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(3.0), "b3"))
+    fit, check = data(256), data(64, seed=4)
+    kl = distill(original, shifted, fit, check, seconds=20, steps=40, seed=0)
+    assert kl.before < 1e-6 and kl.model is shifted  # same distribution: no gain to keep
+    r = distill(original, shifted, fit, check, seconds=20, steps=200, seed=0, loss="logits", batch=32, lr=0.03)
+    t = make_session(original).run(None, {"x": check.arrays["x"]})[0].astype(np.float64)
+    s = make_session(shifted).run(None, {"x": check.arrays["x"]})[0].astype(np.float64)
+    by_hand = np.mean([((s[i:i + 32] - t[i:i + 32]) ** 2).sum() / (t[i:i + 32] ** 2).sum() for i in (0, 32)])
+    assert r.loss == "logits" and r.as_report()["loss"] == "logits"
+    assert r.before == pytest.approx(by_hand, rel=1e-4)
+    assert r.after < 0.2 * r.before
+    after = make_session(r.model).run(None, {"x": check.arrays["x"]})[0]
+    assert np.abs(after - t).mean() < 0.5 * np.abs(s - t).mean()
+
+
 def test_regression_output_trains_by_squared_error() -> None:
     """An output that is no classifier (``[N, 1]``): relative squared error, and it falls."""
     original = mlp(bias1=1.0, hidden=32)
