@@ -300,6 +300,7 @@ def optimize(
     distill: bool = False,
     distill_scope: str = "merged",
     distill_loss: str = "kl",
+    distill_steps: int | None = None,
     distill_seconds: float | None = None,
     try_all: bool = False,
 ) -> Result:
@@ -324,7 +325,8 @@ def optimize(
     original and judged again (distill.Recovery), and the chosen model is distilled with the time left, kept only if
     its fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers
     (default) or ``all``; ``distill_loss``: ``kl`` (classifier outputs compared as class distributions) or
-    ``logits`` (as scores: logit regression; distill.py); ``distill_seconds``: the time for all of it (None: 0.7 of the run's own time so far,
+    ``logits`` (as scores: logit regression; distill.py); ``distill_steps``: the schedule's length per
+    distillation (None: distill.DEFAULT_STEPS); ``distill_seconds``: the time for all of it (None: 0.7 of the run's own time so far,
     distill.BUDGET_SHARE).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
@@ -344,7 +346,7 @@ def optimize(
     if time_limit is not None and not time_limit > 0:
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
     if distill:
-        _check_distill(distill_scope, distill_seconds, distill_loss)
+        _check_distill(distill_scope, distill_seconds, distill_loss, distill_steps)
     t_start = time.perf_counter()
     laps = Laps(on_step)
     laps.start("calibration")
@@ -363,7 +365,7 @@ def optimize(
                                    shapes=shapes, seed=seed, laps=laps,
                                    deadline=None if time_limit is None else t_start + time_limit, execution=execution,
                                    distill_scope=distill_scope if distill else None, distill_seconds=distill_seconds,
-                                   distill_loss=distill_loss,
+                                   distill_loss=distill_loss, distill_steps=distill_steps,
                                    try_all=try_all)
     laps.stop()
     report["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -589,7 +591,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  laps: Laps,
                  deadline: float | None = None, execution: Execution = CPU, distill_scope: str | None = None,
-                 distill_loss: str = "kl",
+                 distill_loss: str = "kl", distill_steps: int | None = None,
                  distill_seconds: float | None = None, try_all: bool = False) -> tuple[onnx.ModelProto, dict, Callable]:
     big = external_dir(analysis.model) is not None
     pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
@@ -621,7 +623,7 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
     recovery = None if distill_scope is None else _recovery(analysis.model, exact_model, fit, check, judge,
                                                             distill_scope, distill_seconds, seed, provider,
-                                                            laps.created, distill_loss)
+                                                            laps.created, distill_loss, distill_steps)
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
                     max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all,
                     recover=recovery)
@@ -768,12 +770,14 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
 DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
 
 
-def _check_distill(scope: str, seconds: float | None, loss: str = "kl") -> None:
+def _check_distill(scope: str, seconds: float | None, loss: str = "kl", steps: int | None = None) -> None:
     """--distill's arguments, and torch (an optional dependency: the ``distill`` extra)."""
     if scope not in ("merged", "all"):
         raise BadArgumentError(f"--distill-scope must be merged or all, not {scope!r}")
     if loss not in ("kl", "logits"):
         raise BadArgumentError(f"--distill-loss must be kl or logits, not {loss!r}")
+    if steps is not None and not steps >= 1:
+        raise BadArgumentError(f"--distill-steps must be >= 1, not {steps}")
     if seconds is not None and not seconds > 0:
         raise BadArgumentError(f"--distill-seconds must be > 0, not {seconds}")
     if importlib.util.find_spec("torch") is None:
@@ -782,7 +786,7 @@ def _check_distill(scope: str, seconds: float | None, loss: str = "kl") -> None:
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
               judge: Judge, scope: str, seconds: float | None, seed: int, provider: str,
-              started: float, loss: str = "kl") -> Recovery:
+              started: float, loss: str = "kl", steps: int | None = None) -> Recovery:
     """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection, and
     the chosen model what time is left. torch's import (a second or more) is charged to the distillation's time;
     its objects are then left out of the garbage collections of the run (memory.exempt_live_objects: otherwise
@@ -793,7 +797,7 @@ def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: Calibra
     exempt_live_objects()
     return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
                     scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0,
-                    started=started, loss=loss)
+                    started=started, loss=loss, steps=steps)
 
 
 def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, judge: Judge,

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-loss", choices=("kl", "logits"), default="kl",
                    help="how --distill compares a classifier's outputs with the original's: KL of the class "
                         "distributions (default) or the squared error of the logits (logit regression)")
+    p.add_argument("--distill-steps", type=int, metavar="N",
+                   help="length of each distillation's schedule, in batches (default 300; the time budget may stop "
+                        "it sooner)")
     p.add_argument("--distill-seconds", type=float, metavar="S",
                    help="time for all of --distill (default: 0.7 of the run's own time)")
     p.add_argument("--keep-failed", action="store_true",
@@ -254,7 +257,7 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
                               time_limit=args.time_limit or None, on_step=display, distill=args.distill,
                               distill_scope=args.distill_scope, distill_seconds=args.distill_seconds,
-                              distill_loss=args.distill_loss)
+                              distill_loss=args.distill_loss, distill_steps=args.distill_steps)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:

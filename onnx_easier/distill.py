@@ -453,10 +453,11 @@ class Recovery:
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
                  scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0,
-                 started: float | None = None, loss: str = "kl") -> None:
+                 started: float | None = None, loss: str = "kl", steps: int | None = None) -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device, self.loss = scope, seed, device, loss
+        self.steps = DEFAULT_STEPS if steps is None else steps
         self.started = time.perf_counter() if started is None else started
         self.used = spent
         self.records: list[DistillResult] = []
@@ -476,7 +477,7 @@ class Recovery:
     def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
                     metric=self.metric, seconds=seconds, seed=self.seed, device=self.device, teacher=self.teacher,
-                    loss=self.loss)
+                    loss=self.loss, steps=self.steps)
         self.used += r.seconds
         return r
 

@@ -255,6 +255,21 @@ def test_cli_distill_with_no_time_left_says_so(setup) -> None:
     assert d["before"] == d["after"] == report["fidelity"]["value"]
 
 
+def test_cli_distill_steps_and_loss_reach_the_training(setup, capsys) -> None:
+    """--distill-steps sets each distillation's schedule and --distill-loss its loss (the report gives both);
+    a schedule under one step is refused with exit 2 and one line."""
+    out, rep = setup["dir"] / "out.onnx", setup["dir"] / "r.json"
+    base = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.5",
+            "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "30"]
+    assert main([str(a) for a in base + ["--distill-steps", "7", "--distill-loss", "logits"]]) == 0
+    d = json.loads(rep.read_text())["distill"]
+    assert d["steps"] <= 7 and d["loss"] == "logits"
+    capsys.readouterr()
+    assert main([str(a) for a in base + ["--distill-steps", "0"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--distill-steps" in err
+
+
 def test_cli_distill_is_deterministic_for_a_seed(setup) -> None:
     """Two runs with the same --seed and a budget that does not cut the training write the same weights; the
     distillations (of the candidate in the search, of the chosen model if any) give the same figures."""
