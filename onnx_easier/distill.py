@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 SCOPES = ("merged", "all")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_LR = 3e-4
-BACKOFF = 3.0  # the learning rate is divided by this when the first evaluation after a start is worse
+BACKOFF = 3.0  # the learning rate is divided by this when the first evaluation after a start is far worse
+BACKOFF_MARGIN = 1.5  # "far worse": the check loss above this multiple of the starting one (less is a transient)
 MIN_LR = 1e-5
 DEFAULT_STEPS = 300
 BATCH = 32
@@ -401,8 +402,8 @@ def distill(
         done += 1
         if done >= next_eval or done == planned:
             value = evaluate()
-            if fresh and value > before and lr / BACKOFF >= MIN_LR:
-                # after the ramp it is worse than at the start: too large a step for this model; again, smaller
+            if fresh and value > BACKOFF_MARGIN * before and lr / BACKOFF >= MIN_LR:
+                # after the ramp it is far worse than at the start: too large a step for this model; again, smaller
                 lr /= BACKOFF
                 student.load(initial)
                 optimizer = _Adam(student.parameters())
