@@ -445,7 +445,8 @@ class Recovery:
 
     Time: ``seconds`` in all; None: at any moment ``BUDGET_SHARE`` of the run's own time so far (since ``started``,
     the run's start, less the distillation's time), so that a run with distillation costs less than twice the run
-    without: the rest pays for judging distilled candidates again and the chosen model's last check. A candidate
+    without (the search charges its judging of a distilled candidate, ``charge``; the rest of the factor pays for the
+    chosen model's last check and the process's start, the same in both). A candidate
     gets at most ``RECOVER_SHARE`` of the budget and is not tried with under ``RECOVER_MIN_SECONDS`` left (a
     candidate tried early may find no time yet); what is left goes to the chosen model (``final``). Each
     distillation is charged all its time, its setup (the torch/ORT comparison, the original's outputs) included;
@@ -474,6 +475,10 @@ class Recovery:
         if self.seconds is not None:
             return self.seconds
         return BUDGET_SHARE * max(0.0, time.perf_counter() - self.started - self.used)
+
+    def charge(self, seconds: float) -> None:
+        """Charge ``seconds`` spent because of a distillation (the search judging a distilled candidate again)."""
+        self.used += seconds
 
     def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,

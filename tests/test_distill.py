@@ -216,11 +216,17 @@ def setup(tmp_path: Path) -> dict[str, Path]:
     return {"model": m, "data": d, "dir": tmp_path}
 
 
-def test_cli_distill_inside_and_after_the_search(setup, capsys) -> None:
+def test_cli_distill_inside_and_after_the_search(setup, capsys, monkeypatch) -> None:
     """Inside the search: r1 fails a 0.03 budget by less than 2.5x (loss about 0.04), so it is distilled and judged
-    again before it is rejected; its trial gives the loss before and after and whether that was accepted. After the
-    search, the report's ``distill``: fidelity on the held-out samples before / after, kept, the training's figures,
-    the candidates distilled in the search; the written model passes the verification of every written model."""
+    again before it is rejected (that judging charged to the distillation's time); its trial gives the loss before
+    and after and whether that was accepted. After the search, the report's ``distill``: fidelity on the held-out
+    samples before / after, kept, the training's figures, the candidates distilled in the search; the written model
+    passes the verification of every written model."""
+    import onnx_easier.distill as D
+
+    charged: list[float] = []
+    charge = D.Recovery.charge
+    monkeypatch.setattr(D.Recovery, "charge", lambda self, s: charged.append(s) or charge(self, s))
     out, rep = setup["dir"] / "out.onnx", setup["dir"] / "r.json"
     args = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.03",
             "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "8"]
@@ -233,6 +239,7 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys) -> None:
     assert trial["accepted"] == t["accepted"] and trial["fidelity"] == (t["after"] if t["accepted"] else t["before"])
     d = report["distill"]
     assert d["search"]["distilled"] == 1 and d["search"]["accepted"] == int(t["accepted"])
+    assert len(charged) == (t["after"] != t["before"]) and all(c > 0 for c in charged)
     assert report["verification"]["ok"]
     if t["accepted"]:  # a search model was chosen: distilled once more
         assert {"before", "after", "kept", "steps", "seconds", "scope", "loss_before", "loss_after"} <= set(d)
