@@ -326,8 +326,8 @@ def optimize(
     its fidelity on the held-out samples improves (``report["distill"]``); ``distill_scope``: the merged layers
     (default) or ``all``; ``distill_loss``: ``kl`` (classifier outputs compared as class distributions) or
     ``logits`` (as scores: logit regression; distill.py); ``distill_steps``: the schedule's length per
-    distillation (None: distill.DEFAULT_STEPS); ``distill_seconds``: the time for all of it (None: 0.7 of the run's own time so far,
-    distill.BUDGET_SHARE).
+    distillation (None: distill.DEFAULT_STEPS); ``distill_seconds``: the time for all of it (None: 0.6 of the run's
+    own time so far, distill.BUDGET_SHARE).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """

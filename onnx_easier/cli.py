@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of each distillation's schedule, in batches (default 300; the time budget may stop "
                         "it sooner)")
     p.add_argument("--distill-seconds", type=float, metavar="S",
-                   help="time for all of --distill (default: 0.7 of the run's own time)")
+                   help="time for all of --distill (default: 0.6 of the run's own time)")
     p.add_argument("--keep-failed", action="store_true",
                    help="write OUT even when its final verification fails (exit code stays 1)")
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be the same file as IN")

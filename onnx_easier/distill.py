@@ -434,7 +434,7 @@ RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is 
 RECOVER_MIN_SECONDS = 1.5  # no distillation in the search starts with less time left than this
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
 FINAL_MIN_SECONDS = 0.3  # the chosen model is not distilled with less time left than this (its setup alone)
-BUDGET_SHARE = 0.7  # without --distill-seconds, all distillation gets this share of the run's own time so far
+BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the run's own time so far
 
 
 class Recovery:
