@@ -8,6 +8,9 @@ executed in torch (torch_exec.TorchGraph), checked equal to ORT's execution on t
 
     classifier outputs (metric "agreement"):  KL(p || q) = (1/N) sum_n sum_k p[n,k] (log p[n,k] - log q[n,k])
         p = softmax(teacher) (or the teacher's probabilities, fidelity.looks_like_probabilities), q likewise
+      with ``loss="logits"``:                ||z_S - z_T||^2 / ||z_T||^2 on the logits z (logit regression; log p
+                                             where the outputs are probabilities): the whole score vector, where a
+                                             near one-hot p says little (it won ffn_digits' third FFN back: README)
     other outputs:                           ||S - T||^2 / ||T||^2   (relative squared error: 0.0001 = rel-l2 0.01)
     features (``feature_weight`` > 0):       feature_weight * ||s - t||^2 / ||t||^2  per (student, teacher) tensor
                                              pair: the trained layers' outputs that the original has by name
@@ -17,19 +20,21 @@ addend of an Add right after one (a bias); scope ``merged`` (default) only those
 or re-fitted, i.e. whose node name is not in ``baseline`` (the model before the search: the exact fusions) or whose
 initializers differ from ``baseline``'s; scope ``all`` every one of them.
 
-Schedule: Adam (betas 0.9 / 0.999) at lr ``DEFAULT_LR`` = 3e-4, cosine-annealed to 0 over ``steps`` (default
-``DEFAULT_STEPS`` = 300) batches of up to 32 samples (one seeded random order of the fit samples, then fixed batches
-drawn in a seeded order). The loss on the check samples is measured after ``WARMUP`` = 5 steps and then ``EVALS``
-= 10 times over the schedule; the best weights are kept (the starting ones included), and training stops after
-``PATIENCE`` = 4 evaluations without a gain. When the first evaluation of a start is worse than the starting
-weights, the step was too large for this model: the weights are reset and the schedule starts again at lr / 3
-(down to 1e-5; measured, the best rate was 3e-4 on the MobileNetV2 digits model and 3e-5 on the GELU token
-model). ``seconds`` caps the wall time; within it the result depends on the seed alone (``cut_by_time`` in the
-report says when the cap stopped it). On CPU torch runs with ``CPU_THREADS`` = 1 thread while distilling (restored
-after): the layers of the example models are small, and two threads took 1.5 to 9 times as long as one on a busy
-2-core machine (300 steps of mobilenetv2_digits: 49-69 s against 7-8 s; 131 steps of ffn_digits, the first
-distillation in the process: 10.5 s against 1.3 s), with ORT's own threads beside them. ``mixup`` (off by default: it made the held-out loss worse on both digits
-models measured) trains half the batches on float inputs mixed with another batch's, labelled by the teacher.
+Schedule: Adam (betas 0.9 / 0.999) at lr ``DEFAULT_LR`` = 3e-4 over ``steps`` (default ``DEFAULT_STEPS`` = 300)
+batches of up to 32 samples (one seeded random order of the fit samples, then fixed batches drawn in a seeded
+order): a linear warm-up over the first ``steps // EVALS`` steps (at least ``WARMUP`` = 5), then cosine-annealed to
+0. The loss on the check samples is measured at the end of the warm-up, then ``EVALS`` = 10 times over the schedule,
+and when the time cap stops it; the best weights are kept (the starting ones included), and training stops after
+``PATIENCE`` = 4 evaluations without a gain. When the first evaluation of a start is over ``BACKOFF_MARGIN`` = 1.5
+times the starting loss, the step was too large for this model: the weights are reset and the schedule starts again
+at lr / 3 (down to 1e-5); a smaller rise is the transient of the first steps (backing off at any rise cost
+ffn_digits' third FFN: README). ``seconds`` caps the wall time; within it the result depends on the seed alone
+(``cut_by_time`` in the report says when the cap stopped it). On CPU torch runs with ``CPU_THREADS`` = 1 thread
+while distilling (restored after): the layers of the example models are small, and two threads took 1.5 to 9 times
+as long as one on a busy 2-core machine (300 steps of mobilenetv2_digits: 49-69 s against 7-8 s; 131 steps of
+ffn_digits, the first distillation in the process: 10.5 s against 1.3 s), with ORT's own threads beside them.
+``mixup`` (off by default: it made the held-out loss worse on both digits models measured) trains half the batches
+on float inputs mixed with another batch's, labelled by the teacher.
 """
 from __future__ import annotations
 
@@ -372,8 +377,11 @@ def distill(
     next_eval = ramp
     cut = False
     batch_loss = None
+    evaluated = 0  # the step of the last evaluation
 
     def evaluate() -> float:
+        nonlocal evaluated
+        evaluated = done
         value = check_loss()
         log.debug("distillation step %d of %d (lr %.2g): batch loss %.4g, check loss %.4g", done, planned, lr,
                   batch_loss.item() if batch_loss is not None else math.nan, value)
@@ -382,7 +390,7 @@ def distill(
     while done < planned and stale < PATIENCE:
         if time.perf_counter() >= deadline:
             cut = True
-            if done > begin and (done < next_eval or fresh):  # steps since the last evaluation: not wasted
+            if done > max(begin, evaluated):  # steps since the last evaluation: not wasted
                 value = evaluate()
                 if value < best:
                     best, best_values = value, student.values()
@@ -446,9 +454,9 @@ class Recovery:
     Time: ``seconds`` in all; None: at any moment ``BUDGET_SHARE`` of the run's own time so far (since ``started``,
     the run's start, less the distillation's time), so that a run with distillation costs less than twice the run
     without (the search charges its judging of a distilled candidate, ``charge``; the rest of the factor pays for the
-    chosen model's last check and the process's start, the same in both). A candidate
-    gets at most ``RECOVER_SHARE`` of the budget and is not tried with under ``RECOVER_MIN_SECONDS`` left (a
-    candidate tried early may find no time yet); what is left goes to the chosen model (``final``). Each
+    chosen model's last check). A candidate gets at most ``RECOVER_SHARE`` of the budget and is not tried with under
+    ``RECOVER_MIN_SECONDS`` left (a candidate tried early may find no time yet); what is left goes to the chosen
+    model (``final``). Each
     distillation is charged all its time, its setup (the torch/ORT comparison, the original's outputs) included;
     ``spent``: seconds charged before (torch's import). ``records`` keeps one entry per candidate distilled."""
 
