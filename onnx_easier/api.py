@@ -812,7 +812,7 @@ def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, jud
                 f"budget used")
         log.info("no distillation: %s", note)
         return model, fidelity, {"before": float(fidelity.value), "after": float(fidelity.value), "kept": False,
-                                 "scope": recovery.scope, "note": note}
+                                 "scope": recovery.scope, "loss": recovery.loss, "note": note}
     after = judge(r.model) if r.model is not model else fidelity
     kept = bool(after.value < fidelity.value and (after.accepted or not fidelity.accepted))
     rep = {"before": float(fidelity.value), "after": float(after.value), "kept": kept, **r.as_report()}
