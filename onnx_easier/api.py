@@ -345,8 +345,9 @@ def optimize(
         raise BadArgumentError(f"--tolerance must be >= 0, not {tolerance}")
     if time_limit is not None and not time_limit > 0:
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
-    if distill:
-        _check_distill(distill_scope, distill_seconds, distill_loss, distill_steps)
+    distilling = DistillOptions(distill_scope, distill_loss, distill_steps, distill_seconds) if distill else None
+    if distilling is not None:
+        distilling.check()
     t_start = time.perf_counter()
     laps = Laps(on_step)
     laps.start("calibration")
@@ -364,9 +365,7 @@ def optimize(
                                    max_remove=max_remove, mode=linearize_mode, refit=refit, provider=provider,
                                    shapes=shapes, seed=seed, laps=laps,
                                    deadline=None if time_limit is None else t_start + time_limit, execution=execution,
-                                   distill_scope=distill_scope if distill else None, distill_seconds=distill_seconds,
-                                   distill_loss=distill_loss, distill_steps=distill_steps,
-                                   try_all=try_all)
+                                   distill=distilling, try_all=try_all)
     laps.stop()
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     report["phases"] = laps.report(report["seconds"])
@@ -590,9 +589,8 @@ def _choose(models: dict[str, onnx.ModelProto], lat: dict[str, LatencyStats], li
 def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, strategy: str,
                  max_remove: int | None, mode: str, refit: bool, provider: str, shapes: dict, seed: int,
                  laps: Laps,
-                 deadline: float | None = None, execution: Execution = CPU, distill_scope: str | None = None,
-                 distill_loss: str = "kl", distill_steps: int | None = None,
-                 distill_seconds: float | None = None, try_all: bool = False) -> tuple[onnx.ModelProto, dict, Callable]:
+                 deadline: float | None = None, execution: Execution = CPU, distill: DistillOptions | None = None,
+                 try_all: bool = False) -> tuple[onnx.ModelProto, dict, Callable]:
     big = external_dir(analysis.model) is not None
     pre = None  # exact-only runs: the fusion, unchecked, to see whether it changes anything at all
     if not (tolerance > 0 and analysis.activations and max_remove != 0 and not big):
@@ -621,9 +619,8 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     if fallback:
         exact_fusion.results.append(PassResult("fusion", 0, [fallback]))
     entropy = {a.name: analysis.entropy(a) for a in analysis.activations}
-    recovery = None if distill_scope is None else _recovery(analysis.model, exact_model, fit, check, judge,
-                                                            distill_scope, distill_seconds, seed, provider,
-                                                            laps.created, distill_loss, distill_steps)
+    recovery = None if distill is None else _recovery(analysis.model, exact_model, fit, check, judge, distill, seed,
+                                                      provider, laps.created)
     search = Search(analysis.model, exact_model, analysis.activations, entropy, fit, check, judge, mode, refit,
                     max_remove, shapes, None, checks, deadline, on_step=laps.on_step, try_all=try_all,
                     recover=recovery)
@@ -685,10 +682,10 @@ def _budget_mode(analysis: Analysis, *, tolerance: float, metric: str | None, st
     laps.start("verification", "fidelity of the model chosen on the held-out samples")
     fidelity = judge(out)
     distilled = None
-    if distill_scope is not None and result is None:
-        distilled = {"kept": False, "scope": distill_scope, "note": "no search model was chosen: nothing to distil"}
-    elif distill_scope is not None:
-        laps.start("distillation", f"distilling the merged layers to the original ({distill_scope})")
+    if distill is not None and result is None:
+        distilled = {"kept": False, "scope": distill.scope, "note": "no search model was chosen: nothing to distil"}
+    elif distill is not None:
+        laps.start("distillation", f"distilling the merged layers to the original ({distill.scope})")
         out, fidelity, distilled = _distill(analysis, out, fidelity, judge, recovery)
 
     tried: dict[str, float] = {}  # the fidelity each activation had when first tried by the strategy kept
@@ -770,23 +767,33 @@ def max_relative_error(a: onnx.ModelProto, b: onnx.ModelProto, data: Calibration
 DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
 
 
-def _check_distill(scope: str, seconds: float | None, loss: str = "kl", steps: int | None = None) -> None:
-    """--distill's arguments, and torch (an optional dependency: the ``distill`` extra)."""
-    if scope not in ("merged", "all"):
-        raise BadArgumentError(f"--distill-scope must be merged or all, not {scope!r}")
-    if loss not in ("kl", "logits"):
-        raise BadArgumentError(f"--distill-loss must be kl or logits, not {loss!r}")
-    if steps is not None and not steps >= 1:
-        raise BadArgumentError(f"--distill-steps must be >= 1, not {steps}")
-    if seconds is not None and not seconds > 0:
-        raise BadArgumentError(f"--distill-seconds must be > 0, not {seconds}")
-    if importlib.util.find_spec("torch") is None:
-        raise BadArgumentError(f"--distill needs torch: {DISTILL_INSTALL}")
+@dataclass(frozen=True)
+class DistillOptions:
+    """``--distill``'s settings: the layers trained (``scope``), the classifier loss (``loss``), each
+    distillation's schedule (``steps``; None: distill.DEFAULT_STEPS) and the time for all of it (``seconds``;
+    None: distill.BUDGET_SHARE of the run's own time)."""
+
+    scope: str = "merged"
+    loss: str = "kl"
+    steps: int | None = None
+    seconds: float | None = None
+
+    def check(self) -> None:
+        """The arguments, and torch (an optional dependency: the ``distill`` extra)."""
+        if self.scope not in ("merged", "all"):
+            raise BadArgumentError(f"--distill-scope must be merged or all, not {self.scope!r}")
+        if self.loss not in ("kl", "logits"):
+            raise BadArgumentError(f"--distill-loss must be kl or logits, not {self.loss!r}")
+        if self.steps is not None and not self.steps >= 1:
+            raise BadArgumentError(f"--distill-steps must be >= 1, not {self.steps}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise BadArgumentError(f"--distill-seconds must be > 0, not {self.seconds}")
+        if importlib.util.find_spec("torch") is None:
+            raise BadArgumentError(f"--distill needs torch: {DISTILL_INSTALL}")
 
 
 def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData, check: CalibrationData,
-              judge: Judge, scope: str, seconds: float | None, seed: int, provider: str,
-              started: float, loss: str = "kl", steps: int | None = None) -> Recovery:
+              judge: Judge, options: DistillOptions, seed: int, provider: str, started: float) -> Recovery:
     """distill.Recovery for the search: candidates that fail the budget get a distillation before rejection, and
     the chosen model what time is left. torch's import (a second or more) is charged to the distillation's time;
     its objects are then left out of the garbage collections of the run (memory.exempt_live_objects: otherwise
@@ -795,9 +802,9 @@ def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: Calibra
     from onnx_easier.distill import Recovery, torch_device
 
     exempt_live_objects()
-    return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric, seconds=seconds,
-                    scope=scope, seed=seed, device=torch_device(provider), spent=time.perf_counter() - t0,
-                    started=started, loss=loss, steps=steps)
+    return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric,
+                    seconds=options.seconds, scope=options.scope, seed=seed, device=torch_device(provider),
+                    spent=time.perf_counter() - t0, started=started, loss=options.loss, steps=options.steps)
 
 
 def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, judge: Judge,

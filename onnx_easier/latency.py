@@ -15,8 +15,8 @@ The measurement is time-budgeted, on the clock of its basis (below: thread CPU t
 ``budget_s`` seconds; with ``rounds=None`` rounds go on until the budget is spent (at least MIN_ROUNDS, at most
 MAX_ROUNDS; with a ``reference``, from EARLY_LOOK of the budget and of the rounds on, as soon as every comparison
 is resolved: see below). A model slower than the budget still gets MIN_ROUNDS blocks of one run. A thread CPU
-budget keeps the rounds as many on a busy machine as on an idle one (the wall time grows with the load, as every other step's
-does), up to MAX_WALL_FACTOR x ``budget_s`` of wall time.
+budget keeps the rounds as many on a busy machine as on an idle one (the wall time grows with the load, as every
+other step's does), up to MAX_WALL_FACTOR x ``budget_s`` of wall time.
 
 ``provider="cuda"`` uses CUDAExecutionProvider (CPU for the nodes it lacks) with IO binding: inputs are copied to
 the GPU once and outputs stay there, so the time is the model's, not the PCIe copies' (which are the same for

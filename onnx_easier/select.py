@@ -290,8 +290,9 @@ def permuted_split(data: CalibrationData, multiple: int = 1, seed: int = 0, hold
     (seeded) so that data stored in any order (e.g. class by class) give three parts alike: a quarter (at most
     MAX_HOLDOUT samples) measures fidelity, or ``holdout`` samples where that is more (fidelity.holdout_needed: what
     resolves the tolerance), up to MAX_HOLDOUT_SHARE of the data; of the rest, a fifth decides whether a re-fit is
-    kept. Each part keeps the file's order. The copy holds the fit, check and holdout samples in that order, then the samples left out:
-    the same samples as ``data``, which a caller may drop for it (the data is then held once, not twice).
+    kept. Each part keeps the file's order. The copy holds the fit, check and holdout samples in that order, then
+    the samples left out: the same samples as ``data``, which a caller may drop for it (the data is then held once,
+    not twice).
     Fewer than 8 samples (8 batches): the three sets are the same (the report says how many samples each had), and
     ``data`` itself comes back. ``multiple``: a model's fixed batch size; every part is then a whole number of
     batches (``samples % multiple`` samples are left out: ORT refuses a shorter batch)."""
