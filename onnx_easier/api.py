@@ -812,10 +812,14 @@ def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, jud
     """``model`` distilled with the time ``recovery`` has left (distill.Recovery.final: the layers changed from the
     exact fusions, with scope ``merged``), with its fidelity on the held-out samples, if that improved; else
     ``model`` and ``fidelity`` unchanged. The report's ``distill``: fidelity before / after, kept, and the
-    training's figures (a ``note`` instead when no time was left)."""
-    r = recovery.final(model)
+    training's figures (a ``note`` instead when no time was left, or when the loss is rounding: distill.NOTHING_TO_RECOVER)."""
+    from onnx_easier.distill import NOTHING_TO_RECOVER
+
+    exact = not fidelity.value > NOTHING_TO_RECOVER
+    r = None if exact else recovery.final(model)
     if r is None:
-        note = (f"no time left for the chosen model: {recovery.used:.1f} s of the {recovery.budget():.1f} s "
+        note = (f"nothing to recover: the chosen model's fidelity loss {fidelity.value:.2g} is rounding" if exact else
+                f"no time left for the chosen model: {recovery.used:.1f} s of the {recovery.budget():.1f} s "
                 f"budget used")
         log.info("no distillation: %s", note)
         return model, fidelity, {"before": float(fidelity.value), "after": float(fidelity.value), "kept": False,

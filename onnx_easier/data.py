@@ -236,14 +236,10 @@ def choose_batch_size(
     return int(max(1, min(size, max_batch, data.samples)))
 
 
-def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Estimated peak bytes of the tensors one ORT run keeps alive at once, for inputs of ``shapes`` (one sample:
-    ``CalibrationData.feed_shapes``), weights not counted: the nodes run in graph order, each output is allocated
-    when its node runs and freed after its last reader (graph outputs stay), so the peak is the largest sum of live
-    tensors (ORT's planner reuses freed buffers the same way). Sizes come from ONNX shape inference on a copy that
-    holds only the small initializers (the large ones become typed inputs: no copy of the weights); tensors of
-    unknown size count as nothing, so this is a lower bound where inference stops. 0 when inference fails."""
-    g = model.graph
+def tensor_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes of each tensor (graph inputs, node outputs) for inputs of ``shapes``, from ONNX shape inference on a
+    copy that holds only the small initializers (the large ones become typed inputs: no copy of the weights);
+    tensors of unknown size are left out (a lower bound where inference stops); {} when inference fails."""
     light = weightless(model)
     del light.graph.value_info[:]
     for vi in light.graph.input:
@@ -251,11 +247,10 @@ def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
             vi.type.tensor_type.shape.Clear()
             for d in shapes[vi.name]:
                 vi.type.tensor_type.shape.dim.add().dim_value = int(d)
-    weights = {t.name for t in g.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # noqa: BLE001 - an estimate: the model was validated on load
-        return 0
+        return {}
     size: dict[str, int] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
@@ -264,6 +259,27 @@ def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tt.shape.dim]
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
         size[vi.name] = math.prod(dims) * itemsize
+    return size
+
+
+def training_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Estimated bytes one sample costs in a training step: every node output of one forward pass (``tensor_bytes``),
+    as autograd may keep each of them for the backward pass (views and tensors it does not keep count too: an upper
+    estimate), weights not counted; 0 when inference fails."""
+    size = tensor_bytes(model, shapes)
+    return sum(size.get(o, 0) for n in model.graph.node for o in n.output if o)
+
+
+def activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Estimated peak bytes of the tensors one ORT run keeps alive at once, for inputs of ``shapes`` (one sample:
+    ``CalibrationData.feed_shapes``), weights not counted: the nodes run in graph order, each output is allocated
+    when its node runs and freed after its last reader (graph outputs stay), so the peak is the largest sum of live
+    tensors (ORT's planner reuses freed buffers the same way). Sizes: ``tensor_bytes``; 0 when inference fails."""
+    g = model.graph
+    size = tensor_bytes(model, shapes)
+    if not size:
+        return 0
+    weights = {t.name for t in g.initializer}
     last: dict[str, int] = {}
     for i, node in enumerate(g.node):
         for name in node.input:

@@ -21,7 +21,8 @@ or re-fitted, i.e. whose node name is not in ``baseline`` (the model before the 
 initializers differ from ``baseline``'s; scope ``all`` every one of them.
 
 Schedule: Adam (betas 0.9 / 0.999) at lr ``DEFAULT_LR`` = 3e-4 over ``steps`` (default ``DEFAULT_STEPS`` = 300)
-batches of up to 32 samples (one seeded random order of the fit samples, then fixed batches drawn in a seeded
+batches of up to 32 samples, fewer where one sample's forward tensors (``data.training_bytes``) times the batch
+would pass ``TRAIN_BYTES`` = 512 MB (one seeded random order of the fit samples, then fixed batches drawn in a seeded
 order): a linear warm-up over the first ``steps // EVALS`` steps (at least ``WARMUP`` = 5), then cosine-annealed to
 0. The loss on the check samples is measured at the end of the warm-up, then ``EVALS`` = 10 times over the schedule,
 and when the time cap stops it; the best weights are kept (the starting ones included), and training stops after
@@ -50,7 +51,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from onnx_easier.data import CalibrationData, batch_multiple, input_specs
+from onnx_easier.data import CalibrationData, batch_multiple, input_specs, training_bytes
 from onnx_easier.fidelity import default_metric, log_probabilities, looks_like_probabilities
 from onnx_easier.model_io import make_session
 from onnx_easier.safety import exactness_bound
@@ -66,6 +67,7 @@ BACKOFF_MARGIN = 1.5  # "far worse": the check loss above this multiple of the s
 MIN_LR = 1e-5
 DEFAULT_STEPS = 300
 BATCH = 32
+TRAIN_BYTES = 512 * 2**20  # the forward tensors of one training step (data.training_bytes per sample) bound its batch
 WARMUP = 5  # at least this many steps of linear warm-up of the rate before the first evaluation
 EVALS = 10  # evaluations on the check samples over the planned steps
 PATIENCE = 4  # evaluations without a gain before stopping
@@ -94,10 +96,12 @@ class DistillResult:
     lr: float = DEFAULT_LR  # the learning rate of the last start
     cut: bool = False  # the time budget stopped it before its steps (the one case where the seed does not decide)
     loss: str = "kl"  # how classifier outputs were compared: "kl" or "logits"
+    batch: int = 0  # samples per step (0: nothing trained)
 
     def as_report(self) -> dict:
         return {"scope": self.scope, "loss": self.loss, "trained": len(self.trained), "loss_before": self.before,
-                "loss_after": self.after, "steps": self.steps, "lr": self.lr, "cut_by_time": self.cut, "seconds": round(self.seconds, 3),
+                "loss_after": self.after, "steps": self.steps, "batch": self.batch, "lr": self.lr,
+                "cut_by_time": self.cut, "seconds": round(self.seconds, 3),
                 "device": self.device, **({"features": self.features} if self.features else {}),
                 **({"note": self.note} if self.note else {})}
 
@@ -153,6 +157,14 @@ def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequ
     outs = [n.output[0] for n in model.graph.node if n.op_type in LAYER_OPS and owned & set(n.input)]
     finals = {o.name for o in model.graph.output}
     return [t for t in outs if t in produced and t not in finals]
+
+
+def _batch_for_memory(model: onnx.ModelProto, data: CalibrationData) -> int:
+    """The most samples per step whose forward tensors (``training_bytes``, what autograd may keep for the backward
+    pass) fit in ``TRAIN_BYTES``: a ViT-S at 224x224 holds about 70 MB per sample, so 32 samples took its
+    distillation to 3.6 GB (README). BATCH when the estimate fails (0)."""
+    per_sample = training_bytes(model, data.feed_shapes())
+    return max(1, TRAIN_BYTES // per_sample) if per_sample > 0 else BATCH
 
 
 def _feeds(data: CalibrationData, batch: int) -> list[dict[str, np.ndarray]]:
@@ -279,7 +291,7 @@ def distill(
     t0 = time.perf_counter()
     names = trainable(optimized, baseline if baseline is not None else original, scope)
     fixed = batch_multiple(input_specs(optimized), fit)
-    b = 1 if fit.feedwise else fixed or max(1, min(batch, fit.samples))
+    b = 1 if fit.feedwise else fixed or max(1, min(batch, fit.samples, _batch_for_memory(optimized, fit)))
 
     def skip(note: str) -> DistillResult:
         log.warning("no distillation: %s", note)
@@ -435,7 +447,7 @@ def distill(
     log.info("distillation: %d initializers, %d steps, check loss %.4g -> %.4g (%.1f s, %s)", len(names), done,
              before, best, seconds_used, device)
     return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut,
-                         loss=loss)
+                         loss=loss, batch=b)
 
 
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
@@ -443,6 +455,8 @@ RECOVER_MIN_SECONDS = 1.5  # no distillation in the search starts with less time
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
 FINAL_MIN_SECONDS = 0.3  # the chosen model is not distilled with less time left than this (its setup alone)
 BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the run's own time so far
+NOTHING_TO_RECOVER = 1e-6  # a fidelity loss at or below this is rounding (agreement: a KL near 1e-10; rel-l2: a few
+# float32 ulps): the chosen model is not distilled (on an untrained ViT-S that saved 95 s of a 248 s run: README)
 
 
 class Recovery:

@@ -16,6 +16,7 @@ from onnx_easier.data import (
     CalibrationData,
     InputSpec,
     activation_bytes,
+    training_bytes,
     choose_batch_size,
     input_specs,
     load_data,
@@ -405,6 +406,16 @@ def test_activation_bytes_is_the_peak_of_live_tensors() -> None:
     assert activation_bytes(_conv_relu_reshape(False), {"x": (1, 4, 8, 8)}) == 8192  # r + y, or c + r
     assert activation_bytes(_conv_relu_reshape(True), {"x": (1, 4, 8, 8)}) == 12288  # c kept: c + r + y
     assert activation_bytes(_conv_relu_reshape(False), {"x": (2, 4, 8, 8)}) == 16384
+
+
+def test_training_bytes_counts_every_forward_tensor() -> None:
+    """A training step may keep every node output of the forward pass: c, r, y (4 KiB each per sample), not the
+    input, not the weights; per the given shape; a tensor inference cannot size counts as nothing."""
+    assert training_bytes(_conv_relu_reshape(False), {"x": (1, 4, 8, 8)}) == 3 * 4096
+    assert training_bytes(_conv_relu_reshape(False), {"x": (2, 4, 8, 8)}) == 6 * 4096
+    broken = _conv_relu_reshape(False)
+    broken.graph.node[0].input[1] = "missing"  # a Conv weight that exists nowhere: c and r cannot be sized
+    assert training_bytes(broken, {"x": (1, 4, 8, 8)}) == 4096  # y only, from the graph output's declared shape
 
 
 def test_choose_batch_size_from_the_run_budget() -> None:

@@ -262,6 +262,36 @@ def test_cli_distill_with_no_time_left_says_so(setup) -> None:
     assert d["before"] == d["after"] == report["fidelity"]["value"]
 
 
+def test_cli_distill_skips_a_chosen_model_that_is_exact(tmp_path) -> None:
+    """r1 always ON (bias 8): linearizing it is exact up to rounding, so the chosen model's fidelity loss is float
+    noise; no distillation is spent on it, and the report says why."""
+    m, d = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
+    onnx.save(mlp(bias1=8.0, hidden=64), str(m))
+    np.savez(d, x=np.random.default_rng(3).standard_normal((400, 16)).astype(np.float32))
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = [m, out, "--data", d, "--strategy", "entropy", "--tolerance", "0.5", "--max-remove", "1", "--report", rep,
+            "-q", "--distill", "--distill-seconds", "30"]
+    assert main([str(a) for a in args]) == 0
+    report = json.loads(rep.read_text())
+    assert [a["action"] for a in report["activations"]] == ["linearized", "kept"]
+    assert 0 <= report["fidelity"]["value"] <= 1e-6
+    assert report["distill"]["note"].startswith("nothing to recover") and "steps" not in report["distill"]
+
+
+def test_distill_batch_is_bounded_by_the_step_memory(monkeypatch) -> None:
+    """The samples per step follow TRAIN_BYTES over one sample's forward tensors (data.training_bytes): the mlp
+    with 32 hidden units holds 32 + 32 + 32 + 32 + 10 floats per sample (the Gemm and Relu outputs); a budget of
+    four samples' worth gives batches of 4; the default budget the usual 32."""
+    import onnx_easier.distill as D
+
+    original = mlp(bias1=1.0, hidden=32)
+    student = damaged(original, "w3")
+    assert distill(original, student, data(128), data(64, seed=4), steps=3, seed=1).batch == D.BATCH
+    monkeypatch.setattr(D, "TRAIN_BYTES", 4 * (4 * 32 + 10) * 4)
+    r = distill(original, student, data(128), data(64, seed=4), steps=3, seed=1)
+    assert r.batch == 4 and r.as_report()["batch"] == 4 and r.steps == 3
+
+
 def test_cli_distill_steps_and_loss_reach_the_training(setup, capsys) -> None:
     """--distill-steps sets each distillation's schedule and --distill-loss its loss (the report gives both);
     a schedule under one step is refused with exit 2 and one line."""
