@@ -16,12 +16,12 @@ from onnx_easier.data import (
     CalibrationData,
     InputSpec,
     activation_bytes,
-    training_bytes,
     choose_batch_size,
     input_specs,
     load_data,
     load_feeds,
     parse_input_shapes,
+    training_bytes,
 )
 from onnx_easier.errors import BadArgumentError, BadDataError, UnsupportedModelError
 
