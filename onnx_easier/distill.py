@@ -31,9 +31,12 @@ times the starting loss, the step was too large for this model: the weights are 
 at lr / 3 (down to 1e-5); a smaller rise is the transient of the first steps (backing off at any rise cost
 ffn_digits' third FFN: README). ``seconds`` caps the wall time; within it the result depends on the seed alone
 (``cut_by_time`` in the report says when the cap stopped it). On CPU torch runs with ``CPU_THREADS`` = 1 thread
-while distilling (restored after): the layers of the example models are small, and two threads took 1.5 to 9 times
-as long as one on a busy 2-core machine (300 steps of mobilenetv2_digits: 49-69 s against 7-8 s; 131 steps of
-ffn_digits, the first distillation in the process: 10.5 s against 1.3 s), with ORT's own threads beside them.
+while distilling (restored after) when a step's forward tensors take under ``PARALLEL_BYTES`` = 128 MB: the layers
+of the example models are small (under 32 MB a step), and two threads took 1.5 to 9 times as long as one on a busy
+2-core machine (300 steps of mobilenetv2_digits: 49-69 s against 7-8 s; 131 steps of ffn_digits, the first
+distillation in the process: 10.5 s against 1.3 s), with ORT's own threads beside them. Larger steps get torch's
+default threads: on a ViT-S (7 samples a step, about 500 MB) two threads took 28-33 s against 42-44 s for the
+same 8 steps and their setup.
 ``mixup`` (off by default: it made the held-out loss worse on both digits models measured) trains half the batches
 on float inputs mixed with another batch's, labelled by the teacher.
 """
@@ -73,6 +76,7 @@ EVALS = 10  # evaluations on the check samples over the planned steps
 PATIENCE = 4  # evaluations without a gain before stopping
 MIX_SHARE = 0.5  # share of the training batches whose float inputs are mixed with another batch's (mixup)
 CPU_THREADS = 1  # torch's threads while distilling on CPU (module doc: measured faster than 2 on the example models)
+PARALLEL_BYTES = 128 * 2**20  # ... unless a step's forward tensors take this much: then torch's default threads
 CHECK_FEEDS = 2  # check batches on which torch execution is compared with ORT's before training
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -159,11 +163,10 @@ def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequ
     return [t for t in outs if t in produced and t not in finals]
 
 
-def _batch_for_memory(model: onnx.ModelProto, data: CalibrationData) -> int:
-    """The most samples per step whose forward tensors (``training_bytes``, what autograd may keep for the backward
-    pass) fit in ``TRAIN_BYTES``: a ViT-S at 224x224 holds about 70 MB per sample, so 32 samples took its
-    distillation to 3.6 GB (README). BATCH when the estimate fails (0)."""
-    per_sample = training_bytes(model, data.feed_shapes())
+def _batch_for_memory(per_sample: int) -> int:
+    """The most samples per step whose forward tensors (``per_sample`` bytes each: ``training_bytes``, what autograd
+    may keep for the backward pass) fit in ``TRAIN_BYTES``: a ViT-S at 224x224 holds about 70 MB per sample, so 32
+    samples took its distillation to 4.7 GB (README). BATCH when the estimate failed (0)."""
     return max(1, TRAIN_BYTES // per_sample) if per_sample > 0 else BATCH
 
 
@@ -243,15 +246,13 @@ class _Loss:
 def _torch_settings(fn: Callable[..., DistillResult]) -> Callable[..., DistillResult]:
     """While ``fn`` runs, restored after: TF32 off (on CUDA, torch computes float32 matmuls and convolutions in TF32
     by default, a 10-bit mantissa: relative errors near 4e-4 on models/mobilenetv2_digits.onnx, which the comparison
-    with ORT rightly refuses); on CPU, ``CPU_THREADS`` torch threads (module doc)."""
+    with ORT rightly refuses); torch's thread count (``fn`` sets its own: ``_cpu_threads``)."""
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> DistillResult:
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         threads = torch.get_num_threads()
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        if kwargs.get("device", "cpu") == "cpu":
-            torch.set_num_threads(CPU_THREADS)
         try:
             return fn(*args, **kwargs)
         finally:
@@ -259,6 +260,12 @@ def _torch_settings(fn: Callable[..., DistillResult]) -> Callable[..., DistillRe
             torch.set_num_threads(threads)
 
     return run
+
+
+def _cpu_threads(step_bytes: int, default: int) -> int:
+    """torch's CPU threads for training steps whose forward tensors take ``step_bytes`` (module doc): CPU_THREADS
+    below PARALLEL_BYTES (small layers, where more threads only synchronise), else ``default`` (torch's own)."""
+    return CPU_THREADS if step_bytes < PARALLEL_BYTES else default
 
 
 @_torch_settings
@@ -291,7 +298,10 @@ def distill(
     t0 = time.perf_counter()
     names = trainable(optimized, baseline if baseline is not None else original, scope)
     fixed = batch_multiple(input_specs(optimized), fit)
-    b = 1 if fit.feedwise else fixed or max(1, min(batch, fit.samples, _batch_for_memory(optimized, fit)))
+    per_sample = training_bytes(optimized, fit.feed_shapes())
+    b = 1 if fit.feedwise else fixed or max(1, min(batch, fit.samples, _batch_for_memory(per_sample)))
+    if device == "cpu":
+        torch.set_num_threads(_cpu_threads(b * per_sample, torch.get_num_threads()))
 
     def skip(note: str) -> DistillResult:
         log.warning("no distillation: %s", note)

@@ -150,8 +150,8 @@ def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
 
 
 def test_distill_runs_torch_on_one_cpu_thread_and_restores_it(monkeypatch) -> None:
-    """On CPU torch trains with CPU_THREADS threads (small layers: more threads only synchronise); the caller's
-    setting is back afterwards."""
+    """On CPU torch trains with CPU_THREADS threads (small layers: more threads only synchronise), with the caller's
+    count when a step's forward tensors pass PARALLEL_BYTES; the caller's setting is back afterwards."""
     import onnx_easier.distill as D
 
     seen = []
@@ -168,6 +168,9 @@ def test_distill_runs_torch_on_one_cpu_thread_and_restores_it(monkeypatch) -> No
         original = mlp(bias1=1.0, hidden=32)
         distill(original, damaged(original, "w3"), data(64), data(32, seed=4), seconds=5, steps=5)
         assert seen == [D.CPU_THREADS] and torch.get_num_threads() == 2
+        monkeypatch.setattr(D, "PARALLEL_BYTES", 1)  # every step is "large"
+        distill(original, damaged(original, "w3"), data(64), data(32, seed=4), seconds=5, steps=5)
+        assert seen == [D.CPU_THREADS, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
