@@ -465,6 +465,8 @@ RECOVER_MIN_SECONDS = 1.5  # no distillation in the search starts with less time
 RECOVER_SHARE = 0.25  # one candidate's distillation gets at most this share of the whole budget (at least the minimum)
 FINAL_MIN_SECONDS = 0.3  # the chosen model is not distilled with less time left than this (its setup alone)
 BUDGET_SHARE = 0.6  # without --distill-seconds, all distillation gets this share of the run's own time so far
+LEARN_AFTER = 2  # candidates judged after distillation, in a run, before the loss tried follows their gains (reach)
+REACH_SLACK = 1.25  # ... the best gain seen (loss before / after) times this
 NOTHING_TO_RECOVER = 1e-6  # a fidelity loss at or below this is rounding (agreement: a KL near 1e-10; rel-l2: a few
 # float32 ulps): the chosen model is not distilled (on an untrained ViT-S that saved 95 s of a 248 s run: README)
 
@@ -473,11 +475,13 @@ class Recovery:
     """Distillation inside the search: ``recover(model, loss)`` distils a candidate that the search is about to
     reject for a fidelity ``loss`` over ``tolerance``, when the loss is within ``RECOVER_FACTOR`` of it (measured,
     distillation divided the loss by 1.05 to 1.8: further off, it cannot win the candidate back), and returns the
-    distilled model (``model`` itself when the check samples showed no gain; None when not tried).
+    distilled model (``model`` itself when the check samples showed no gain; None when not tried). Once
+    ``LEARN_AFTER`` candidates of the run were distilled and judged again (``judged``), the factor is what this model
+    showed instead (``reach``): the best gain seen times ``REACH_SLACK``, at most ``RECOVER_FACTOR``.
 
     Time: ``seconds`` in all; None: at any moment ``BUDGET_SHARE`` of the run's own time so far (since ``started``,
     the run's start, less the distillation's time), so that a run with distillation costs less than twice the run
-    without (the search charges its judging of a distilled candidate, ``charge``; the rest of the factor pays for the
+    without (the search charges its judging of a distilled candidate, ``judged``; the rest of the factor pays for the
     chosen model's last check). A candidate gets at most ``RECOVER_SHARE`` of the budget and is not tried with under
     ``RECOVER_MIN_SECONDS`` left (a candidate tried early may find no time yet); what is left goes to the chosen
     model (``final``). Each
@@ -495,6 +499,7 @@ class Recovery:
         self.started = time.perf_counter() if started is None else started
         self.used = spent
         self.records: list[DistillResult] = []
+        self.gains: list[float] = []  # per candidate distilled and judged: its loss before / after
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
 
     def left(self) -> float:
@@ -508,9 +513,21 @@ class Recovery:
             return self.seconds
         return BUDGET_SHARE * max(0.0, time.perf_counter() - self.started - self.used)
 
-    def charge(self, seconds: float) -> None:
-        """Charge ``seconds`` spent because of a distillation (the search judging a distilled candidate again)."""
+    def judged(self, seconds: float, before: float, after: float) -> None:
+        """The search judged a distilled candidate again: ``seconds`` charged to the budget (spent because of the
+        distillation), the fidelity loss ``before`` and ``after`` distillation recorded as a gain."""
         self.used += seconds
+        self.gains.append(before / after if after > 0 else RECOVER_FACTOR)
+
+    def reach(self) -> float:
+        """The largest loss / tolerance at which a candidate is distilled: RECOVER_FACTOR until LEARN_AFTER
+        candidates of this run were judged; then REACH_SLACK times the best gain seen (at most RECOVER_FACTOR), so
+        that where distillation wins little on this model the candidates it cannot win back are left alone and the
+        time goes to the chosen model (mobilenetv2_wide_digits: 5 to 10 candidates distilled in a run, none
+        accepted, the chosen model then 1 to 25 steps: README)."""
+        if len(self.gains) < LEARN_AFTER:
+            return RECOVER_FACTOR
+        return min(RECOVER_FACTOR, REACH_SLACK * max(self.gains))
 
     def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
@@ -520,13 +537,15 @@ class Recovery:
         return r
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
-        if not loss <= RECOVER_FACTOR * self.tolerance:
+        if not loss <= self.reach() * self.tolerance:
             return None
         left = self.left()
         if left < RECOVER_MIN_SECONDS:
             return None
         r = self._distill(model, min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget())))
         self.records.append(r)
+        if r.model is model:  # no gain on the check samples: the search keeps the loss as it was
+            self.gains.append(1.0)
         return r.model
 
     def final(self, model: onnx.ModelProto) -> DistillResult | None:

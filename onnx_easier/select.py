@@ -603,8 +603,8 @@ class Search:
     on_step: StepHook | None = None  # on_step("search <strategy>", trials done, trials planned, message)
     try_all: bool = False  # also try candidates predicted to gain nothing (gain.py)
     # a last chance for a candidate that fails the budget: recover(model, loss) -> a model to judge again, or None
-    # (distill.Recovery: distillation to the original); where it has charge(seconds), the time of that judging is
-    # charged to it (its time budget covers all it causes)
+    # (distill.Recovery: distillation to the original); where it has judged(seconds, before, after), it is told the
+    # time of that judging (its time budget covers all it causes) and the loss before and after
     recover: Callable[[onnx.ModelProto, float], onnx.ModelProto | None] | None = None
     gallop: bool = True  # try consecutive candidates together after acceptances (module doc); False: one by one
 
@@ -845,9 +845,9 @@ class Search:
             elif recovered is not None:  # same graph, new weights: judged again, kept only if accepted
                 t_judge = time.perf_counter()
                 again = self.judge(recovered, sequential=True)
-                charge = getattr(self.recover, "charge", None)
-                if charge is not None:
-                    charge(time.perf_counter() - t_judge)
+                judged = getattr(self.recover, "judged", None)
+                if judged is not None:
+                    judged(time.perf_counter() - t_judge, float(fid.value), float(again.value))
                 distilled = {"before": float(fid.value), "after": float(again.value), "accepted": bool(again.accepted)}
                 if again.accepted:
                     model, fid = recovered, again

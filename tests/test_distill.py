@@ -192,6 +192,34 @@ def test_recovery_tries_close_candidates_within_its_budget() -> None:
     assert rec(student, 0.02) is None and len(rec.records) == 2
 
 
+def test_recovery_learns_how_far_distillation_reaches_on_the_model(monkeypatch) -> None:
+    """Until LEARN_AFTER candidates were judged, losses up to RECOVER_FACTOR x the tolerance are distilled; then up
+    to REACH_SLACK x the best gain seen (a distillation with no gain on the check samples counts 1)."""
+    import onnx_easier.distill as D
+
+    original = mlp(bias1=1.0, hidden=32)
+    rec = Recovery(original, original, data(64), data(32, seed=4), tolerance=0.01, metric=None, seconds=60)
+    tried: list[onnx.ModelProto] = []
+
+    def fake(model: onnx.ModelProto, seconds: float) -> D.DistillResult:
+        tried.append(model)
+        return D.DistillResult(model, ["w3"], 1.0, 1.0, 10, 0.01, "merged")  # no gain: the model itself
+
+    monkeypatch.setattr(rec, "_distill", fake)
+    assert rec.reach() == D.RECOVER_FACTOR
+    rec(original, 0.024)
+    rec.judged(0.1, 0.02, 0.0125)  # one candidate of the search won back by 1.6x
+    assert rec.gains == pytest.approx([1.0, 1.6]) and rec.reach() == pytest.approx(min(D.RECOVER_FACTOR, 1.6 * D.REACH_SLACK))
+    assert rec(original, 0.0195) is original and len(tried) == 2  # 1.95x: within 1.6 x 1.25
+    assert rec(original, 0.0205) is None and len(tried) == 2  # 2.05x: over
+    no_gain = Recovery(original, original, data(64), data(32, seed=4), tolerance=0.01, metric=None, seconds=60)
+    monkeypatch.setattr(no_gain, "_distill", fake)
+    no_gain(original, 0.02)
+    no_gain(original, 0.02)
+    assert no_gain.reach() == pytest.approx(D.REACH_SLACK)
+    assert no_gain(original, 0.013) is None and no_gain(original, 0.012) is original
+
+
 def test_recovery_default_budget_is_a_share_of_the_run_time() -> None:
     """Without ``seconds`` the budget is BUDGET_SHARE of the run's own time so far (the distillation's, the charged
     import included, excluded), so a run with distillation stays within twice the run without; the chosen model
@@ -227,9 +255,9 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys, monkeypatch) -> 
     passes the verification of every written model."""
     import onnx_easier.distill as D
 
-    charged: list[float] = []
-    charge = D.Recovery.charge
-    monkeypatch.setattr(D.Recovery, "charge", lambda self, s: charged.append(s) or charge(self, s))
+    charged: list[tuple[float, float, float]] = []
+    judged = D.Recovery.judged
+    monkeypatch.setattr(D.Recovery, "judged", lambda self, *a: charged.append(a) or judged(self, *a))
     out, rep = setup["dir"] / "out.onnx", setup["dir"] / "r.json"
     args = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.03",
             "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "8"]
@@ -242,7 +270,8 @@ def test_cli_distill_inside_and_after_the_search(setup, capsys, monkeypatch) -> 
     assert trial["accepted"] == t["accepted"] and trial["fidelity"] == (t["after"] if t["accepted"] else t["before"])
     d = report["distill"]
     assert d["search"]["distilled"] == 1 and d["search"]["accepted"] == int(t["accepted"])
-    assert len(charged) == (t["after"] != t["before"]) and all(c > 0 for c in charged)
+    assert len(charged) == (t["after"] != t["before"]) and all(c[0] > 0 for c in charged)
+    assert all(c[1:] == (t["before"], t["after"]) for c in charged)
     assert report["verification"]["ok"]
     if t["accepted"]:  # a search model was chosen: distilled once more
         assert {"before", "after", "kept", "steps", "seconds", "scope", "loss_before", "loss_after"} <= set(d)
