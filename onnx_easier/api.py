@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -302,6 +303,7 @@ def optimize(
     distill_loss: str = "kl",
     distill_steps: int | None = None,
     distill_seconds: float | None = None,
+    distill_features: float = 0.0,
     try_all: bool = False,
 ) -> Result:
     """Make ``model`` shallower.
@@ -327,7 +329,8 @@ def optimize(
     (default) or ``all``; ``distill_loss``: ``kl`` (classifier outputs compared as class distributions) or
     ``logits`` (as scores: logit regression; distill.py); ``distill_steps``: the schedule's length per
     distillation (None: distill.DEFAULT_STEPS); ``distill_seconds``: the time for all of it (None: 0.6 of the run's
-    own time so far, distill.BUDGET_SHARE).
+    own time so far, distill.BUDGET_SHARE); ``distill_features``: the weight of the feature-matching term (the
+    trained layers' outputs that the original computes under the same name; 0: none).
     ``try_all``: also try the candidates predicted to gain nothing (gain.py: no compute node, depth, MAC or
     elementwise node saved); by default they are skipped, and listed in ``report["search"][strategy]["skipped"]``.
     """
@@ -345,7 +348,8 @@ def optimize(
         raise BadArgumentError(f"--tolerance must be >= 0, not {tolerance}")
     if time_limit is not None and not time_limit > 0:
         raise BadArgumentError(f"--time-limit must be > 0 seconds, not {time_limit}")
-    distilling = DistillOptions(distill_scope, distill_loss, distill_steps, distill_seconds) if distill else None
+    distilling = DistillOptions(distill_scope, distill_loss, distill_steps, distill_seconds,
+                                distill_features) if distill else None
     if distilling is not None:
         distilling.check()
     t_start = time.perf_counter()
@@ -770,13 +774,14 @@ DISTILL_INSTALL = 'pip install "onnx-easier[distill]"'
 @dataclass(frozen=True)
 class DistillOptions:
     """``--distill``'s settings: the layers trained (``scope``), the classifier loss (``loss``), each
-    distillation's schedule (``steps``; None: distill.DEFAULT_STEPS) and the time for all of it (``seconds``;
-    None: distill.BUDGET_SHARE of the run's own time)."""
+    distillation's schedule (``steps``; None: distill.DEFAULT_STEPS), the time for all of it (``seconds``;
+    None: distill.BUDGET_SHARE of the run's own time) and the weight of the feature-matching term (``features``)."""
 
     scope: str = "merged"
     loss: str = "kl"
     steps: int | None = None
     seconds: float | None = None
+    features: float = 0.0
 
     def check(self) -> None:
         """The arguments, and torch (an optional dependency: the ``distill`` extra)."""
@@ -788,6 +793,8 @@ class DistillOptions:
             raise BadArgumentError(f"--distill-steps must be >= 1, not {self.steps}")
         if self.seconds is not None and not self.seconds > 0:
             raise BadArgumentError(f"--distill-seconds must be > 0, not {self.seconds}")
+        if not (self.features >= 0 and math.isfinite(self.features)):
+            raise BadArgumentError(f"--distill-features must be a finite weight >= 0, not {self.features}")
         if importlib.util.find_spec("torch") is None:
             raise BadArgumentError(f"--distill needs torch: {DISTILL_INSTALL}")
 
@@ -804,7 +811,8 @@ def _recovery(original: onnx.ModelProto, baseline: onnx.ModelProto, fit: Calibra
     exempt_live_objects()
     return Recovery(original, baseline, fit, check, tolerance=judge.tolerance, metric=judge.metric,
                     seconds=options.seconds, scope=options.scope, seed=seed, device=torch_device(provider),
-                    spent=time.perf_counter() - t0, started=started, loss=options.loss, steps=options.steps)
+                    spent=time.perf_counter() - t0, started=started, loss=options.loss, steps=options.steps,
+                    features=options.features)
 
 
 def _distill(analysis: Analysis, model: onnx.ModelProto, fidelity: Fidelity, judge: Judge,

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-steps", type=int, metavar="N",
                    help="length of each distillation's schedule, in batches (default 300; the time budget may stop "
                         "it sooner)")
+    p.add_argument("--distill-features", type=float, default=0.0, metavar="W",
+                   help="weight of a feature-matching term in --distill's loss: the relative squared error of the "
+                        "trained layers' outputs that the original computes under the same name (default 0: off)")
     p.add_argument("--distill-seconds", type=float, metavar="S",
                    help="time for all of --distill (default: 0.6 of the run's own time)")
     p.add_argument("--keep-failed", action="store_true",
@@ -257,7 +260,8 @@ def _run(args: argparse.Namespace, shapes: dict | None, progress: bool, display:
                               samples=args.samples, seed=args.seed, input_shapes=shapes, progress=progress,
                               time_limit=args.time_limit or None, on_step=display, distill=args.distill,
                               distill_scope=args.distill_scope, distill_seconds=args.distill_seconds,
-                              distill_loss=args.distill_loss, distill_steps=args.distill_steps)
+                              distill_loss=args.distill_loss, distill_steps=args.distill_steps,
+                              distill_features=args.distill_features)
         rep = result.report
         rep["output"] = args.output
         if interrupts is not None:

@@ -101,12 +101,14 @@ class DistillResult:
     cut: bool = False  # the time budget stopped it before its steps (the one case where the seed does not decide)
     loss: str = "kl"  # how classifier outputs were compared: "kl" or "logits"
     batch: int = 0  # samples per step (0: nothing trained)
+    feature_weight: float = 0.0  # the weight of the feature-matching term asked for (``features``: the tensors matched)
 
     def as_report(self) -> dict:
         return {"scope": self.scope, "loss": self.loss, "trained": len(self.trained), "loss_before": self.before,
                 "loss_after": self.after, "steps": self.steps, "batch": self.batch, "lr": self.lr,
                 "cut_by_time": self.cut, "seconds": round(self.seconds, 3),
-                "device": self.device, **({"features": self.features} if self.features else {}),
+                "device": self.device,
+                **({"feature_weight": self.feature_weight, "features": self.features} if self.feature_weight else {}),
                 **({"note": self.note} if self.note else {})}
 
 
@@ -155,10 +157,26 @@ def trainable(model: onnx.ModelProto, baseline: onnx.ModelProto | None = None, s
 
 def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequence[str]) -> list[str]:
     """Output tensors of the layers that own the initializers ``names`` and that the original also computes (by
-    name): where the student's features can be matched to the teacher's."""
+    name): where the student's features can be matched to the teacher's. A layer's output is that of its bias Add
+    where one follows it (``trainable``'s rule: its only reader, one constant addend): a fused MatMul writes a new
+    tensor, and the bias Add after it the name the original's layer wrote."""
     owned = set(names)
+    inits = {i.name for i in model.graph.initializer}
     produced = {o for n in original.graph.node for o in n.output}
-    outs = [n.output[0] for n in model.graph.node if n.op_type in LAYER_OPS and owned & set(n.input)]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outs = []
+    for n in model.graph.node:
+        if n.op_type not in LAYER_OPS or not owned & set(n.input):
+            continue
+        out = n.output[0]
+        after = readers.get(out, [])
+        if (len(after) == 1 and after[0].op_type == "Add" and len(after[0].input) == 2
+                and sum(i in inits for i in after[0].input) == 1):
+            out = after[0].output[0]
+        outs.append(out)
     finals = {o.name for o in model.graph.output}
     return [t for t in outs if t in produced and t not in finals]
 
@@ -331,6 +349,8 @@ def distill(
     if differs:
         return skip(differs)
     features = feature_pairs(optimized, original, names) if feature_weight > 0 else []
+    if feature_weight > 0 and not features:
+        log.info("no feature matching: no trained layer's output is computed by the original under the same name")
     teacher_graph = None
     if features:
         try:
@@ -370,8 +390,11 @@ def distill(
     wanted = [*out_names, *features]
 
     def check_loss() -> float:
+        """The loss of the outputs alone on the check samples (the feature term trains, the outputs decide: a
+        distillation that matches features better but the outputs worse gains nothing)."""
+        n = len(out_names)
         with torch.no_grad():
-            return float(np.mean([loss_fn(student.run(f, wanted), t, len(out_names)).item()
+            return float(np.mean([loss_fn(student.run(f, out_names), t[:n], n).item()
                                   for f, t in zip(check_feeds, check_targets)]))
 
     floats = [k for k, v in fit_feeds[0].items() if v.dtype.kind == "f"]
@@ -457,7 +480,7 @@ def distill(
     log.info("distillation: %d initializers, %d steps, check loss %.4g -> %.4g (%.1f s, %s)", len(names), done,
              before, best, seconds_used, device)
     return DistillResult(out, names, before, best, done, seconds_used, scope, device, features, lr=lr, cut=cut,
-                         loss=loss, batch=b)
+                         loss=loss, batch=b, feature_weight=feature_weight)
 
 
 RECOVER_FACTOR = 2.5  # a rejected candidate is distilled only when its loss is within this factor of the tolerance
@@ -483,23 +506,27 @@ class Recovery:
     the run's start, less the distillation's time), so that a run with distillation costs less than twice the run
     without (the search charges its judging of a distilled candidate, ``judged``; the rest of the factor pays for the
     chosen model's last check). A candidate gets at most ``RECOVER_SHARE`` of the budget and is not tried with under
-    ``RECOVER_MIN_SECONDS`` left (a candidate tried early may find no time yet); what is left goes to the chosen
-    model (``final``). Each
-    distillation is charged all its time, its setup (the torch/ORT comparison, the original's outputs) included;
-    ``spent``: seconds charged before (torch's import). ``records`` keeps one entry per candidate distilled."""
+    ``RECOVER_MIN_SECONDS`` left once the longest judging of a distilled candidate so far is set aside (``judging``:
+    the search judges it again, on the budget; a candidate tried early may find no time yet); what is left goes to
+    the chosen model (``final``). Each distillation is charged all its time, its setup (the torch/ORT comparison,
+    the original's outputs) included; ``spent``: seconds charged before (torch's import). ``records`` keeps one entry
+    per candidate distilled."""
 
     def __init__(self, original: onnx.ModelProto, baseline: onnx.ModelProto, fit: CalibrationData,
                  check: CalibrationData, *, tolerance: float, metric: str | None, seconds: float | None,
                  scope: str = "merged", seed: int = 0, device: str = "cpu", spent: float = 0.0,
-                 started: float | None = None, loss: str = "kl", steps: int | None = None) -> None:
+                 started: float | None = None, loss: str = "kl", steps: int | None = None,
+                 features: float = 0.0) -> None:
         self.original, self.baseline, self.fit, self.check = original, baseline, fit, check
         self.tolerance, self.metric, self.seconds = tolerance, metric, seconds
         self.scope, self.seed, self.device, self.loss = scope, seed, device, loss
         self.steps = DEFAULT_STEPS if steps is None else steps
+        self.features = features  # the weight of the feature-matching term (distill's feature_weight)
         self.started = time.perf_counter() if started is None else started
         self.used = spent
         self.records: list[DistillResult] = []
         self.gains: list[float] = []  # per candidate distilled and judged: its loss before / after
+        self.judging = 0.0  # the longest judging of a distilled candidate so far: reserved before the next one
         self.teacher: dict = {}  # the original's session and outputs, shared by the distillations
 
     def left(self) -> float:
@@ -517,6 +544,7 @@ class Recovery:
         """The search judged a distilled candidate again: ``seconds`` charged to the budget (spent because of the
         distillation), the fidelity loss ``before`` and ``after`` distillation recorded as a gain."""
         self.used += seconds
+        self.judging = max(self.judging, seconds)
         self.gains.append(before / after if after > 0 else RECOVER_FACTOR)
 
     def reach(self) -> float:
@@ -532,14 +560,15 @@ class Recovery:
     def _distill(self, model: onnx.ModelProto, seconds: float) -> DistillResult:
         r = distill(self.original, model, self.fit, self.check, baseline=self.baseline, scope=self.scope,
                     metric=self.metric, seconds=seconds, seed=self.seed, device=self.device, teacher=self.teacher,
-                    loss=self.loss, steps=self.steps)
+                    loss=self.loss, steps=self.steps,
+                    feature_weight=self.features)
         self.used += r.seconds
         return r
 
     def __call__(self, model: onnx.ModelProto, loss: float) -> onnx.ModelProto | None:
         if not loss <= self.reach() * self.tolerance:
             return None
-        left = self.left()
+        left = self.left() - self.judging  # a distilled candidate is judged again, on the budget too
         if left < RECOVER_MIN_SECONDS:
             return None
         r = self._distill(model, min(left, max(RECOVER_MIN_SECONDS, RECOVER_SHARE * self.budget())))

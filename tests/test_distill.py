@@ -19,7 +19,7 @@ from test_select import mlp
 
 from onnx_easier.cli import main
 from onnx_easier.data import CalibrationData
-from onnx_easier.distill import BUDGET_SHARE, Recovery, distill, trainable
+from onnx_easier.distill import BUDGET_SHARE, Recovery, distill, feature_pairs, trainable
 from onnx_easier.model_io import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,24 @@ def test_feature_matching_at_a_trained_layer() -> None:
     r = distill(original, student, data(256), data(64, seed=4), seconds=20, steps=60, seed=0, feature_weight=1.0)
     assert r.features == ["h2"] and r.trained == ["w2", "b2"]
     assert r.after < 0.5 * r.before
+    plain = distill(original, student, data(256), data(64, seed=4), seconds=20, steps=1, seed=0)
+    assert r.before == pytest.approx(plain.before, rel=1e-6)  # the check loss is the outputs' alone
+
+
+def test_feature_pairs_take_the_bias_add_of_a_fused_matmul() -> None:
+    """A fused MatMul writes a new tensor; the bias Add after it writes the name the original's layer wrote: that is
+    the feature matched. A layer whose output the original lacks, or the graph output, is none."""
+    original = layer_graph()
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+    fused.graph.node[0].output[0] = "fused_m"  # the merged layer's own output: a name the original lacks
+    fused.graph.node[1].input[0] = "fused_m"
+    assert feature_pairs(fused, original, ["W", "b"]) == ["h"]
+    assert feature_pairs(fused, original, ["w2", "b2"]) == []  # fc writes the graph output y
+    shared = onnx.ModelProto()
+    shared.CopyFrom(fused)  # a second reader of the MatMul's output: the Add is no bias of it alone
+    shared.graph.node.append(helper.make_node("Relu", ["fused_m"], ["extra"], name="extra"))
+    assert feature_pairs(shared, original, ["W", "b"]) == []
 
 
 def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
@@ -190,6 +208,20 @@ def test_recovery_tries_close_candidates_within_its_budget() -> None:
     assert 0 < rec.used <= 20 and rec.left() == pytest.approx(20 - rec.used)
     rec.used = 19.0
     assert rec(student, 0.02) is None and len(rec.records) == 2
+
+
+def test_recovery_sets_the_judging_of_a_distilled_candidate_aside() -> None:
+    """The search judges a distilled candidate again, on the budget: the longest such judging so far is set aside
+    before the next candidate is distilled (6 s left, 5 s of judging: under RECOVER_MIN_SECONDS remains)."""
+    original = mlp(bias1=1.0, hidden=32)
+    rec = Recovery(original, original, data(256), data(64, seed=4), tolerance=0.01, metric=None, seconds=20)
+    student = damaged(original, "w3")
+    rec.used = 14.0
+    assert rec(student, 0.02) is not None and len(rec.records) == 1  # 6 s left: distilled
+    rec.judged(5.0, 0.02, 0.015)
+    assert rec.judging == 5.0
+    rec.used = 14.0
+    assert rec(student, 0.02) is None and len(rec.records) == 1
 
 
 def test_recovery_learns_how_far_distillation_reaches_on_the_model(monkeypatch) -> None:
@@ -337,6 +369,23 @@ def test_cli_distill_steps_and_loss_reach_the_training(setup, capsys) -> None:
     assert main([str(a) for a in base + ["--distill-steps", "0"]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--distill-steps" in err
+
+
+def test_cli_distill_features_reach_the_training(setup, capsys) -> None:
+    """--distill-features W adds the feature-matching term: the report gives its weight and the tensors matched;
+    a negative weight is refused with exit 2 and one line."""
+    out, rep = setup["dir"] / "out.onnx", setup["dir"] / "r.json"
+    base = [setup["model"], out, "--data", setup["data"], "--strategy", "entropy", "--tolerance", "0.5",
+            "--max-remove", "1", "--report", rep, "-q", "--distill", "--distill-seconds", "30", "--distill-steps", "7"]
+    assert main([str(a) for a in base + ["--distill-features", "0.5"]]) == 0
+    d = json.loads(rep.read_text())["distill"]
+    assert d["feature_weight"] == 0.5 and d["features"] == ["h2"]  # fc1 and fc2 merged: their output, h2
+    assert main([str(a) for a in base]) == 0
+    assert "feature_weight" not in json.loads(rep.read_text())["distill"]
+    capsys.readouterr()
+    assert main([str(a) for a in base + ["--distill-features", "-1"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--distill-features" in err
 
 
 def test_cli_distill_is_deterministic_for_a_seed(setup) -> None:
