@@ -4,7 +4,8 @@
     python tools/bench_distill.py --models ffn_digits mobilenetv2_digits --tolerances 0.01 --json distill.json
 
 Per model and tolerance, ``onnx-easier model out --data calib --tolerance t`` runs without and with ``--distill``
-(scope ``--scope``, loss ``--loss``, schedule ``--steps``, the default time budget unless ``--seconds``), each in its own process; for each result:
+(scope ``--scope``, loss ``--loss``, schedule ``--steps``, feature term ``--features``, the default time budget unless
+``--seconds``), each in its own process; for each result:
 activations linearized, compute nodes, the tool's fidelity loss on its held-out calibration samples, the TEST
 accuracy loss in points on ``models/digits<R>_test.npz`` (labels the tool never sees), the latency ratio the tool
 measured, the optimize seconds (wall, and the process's CPU time: all its threads, which another process on the
@@ -33,7 +34,8 @@ TOLERANCES = (0.005, 0.01, 0.02)
 
 
 def run_cli(path: Path, calib: Path, tol: float, distill: bool, scope: str, seconds: float | None,
-            workdir: Path, loss: str = "kl", steps: int | None = None) -> tuple[onnx.ModelProto, dict, float, float]:
+            workdir: Path, loss: str = "kl", steps: int | None = None,
+            features: float = 0.0) -> tuple[onnx.ModelProto, dict, float, float]:
     """One ``onnx-easier`` run in its own process (imports, torch's included, count as the user would pay them): the
     written model, the report, the wall seconds and the child's CPU seconds (all its threads)."""
     out, rep = workdir / "out.onnx", workdir / "report.json"
@@ -43,6 +45,7 @@ def run_cli(path: Path, calib: Path, tol: float, distill: bool, scope: str, seco
         cmd += ["--distill", "--distill-scope", scope, "--distill-loss", loss]
         cmd += [] if seconds is None else ["--distill-seconds", str(seconds)]
         cmd += [] if steps is None else ["--distill-steps", str(steps)]
+        cmd += ["--distill-features", str(features)] if features else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -53,7 +56,7 @@ def run_cli(path: Path, calib: Path, tol: float, distill: bool, scope: str, seco
 
 
 def sweep(name: str, models_dir: Path, tolerances: Sequence[float], scope: str, seconds: float | None,
-          loss: str = "kl", steps: int | None = None) -> dict:
+          loss: str = "kl", steps: int | None = None, features: float = 0.0) -> dict:
     """Per tolerance, the plain run then the distilled one (interleaved, so that a change in the machine's load
     touches both)."""
     case = digits_case(name, models_dir)
@@ -62,7 +65,7 @@ def sweep(name: str, models_dir: Path, tolerances: Sequence[float], scope: str, 
         for tol in tolerances:
             for distill in (False, True):
                 model, rep, wall, cpu = run_cli(case.path, case.calib, tol, distill, scope, seconds, Path(tmp), loss,
-                                                steps)
+                                                steps, features)
                 acc, _ = accuracy(model, case.x_test, case.y_test)
                 acts = rep["activations"]
                 points.append({
@@ -132,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loss", choices=("kl", "logits"), default="kl", help="--distill-loss")
     parser.add_argument("--steps", type=int, metavar="N", help="--distill-steps (default: the tool's)")
     parser.add_argument("--seconds", type=float, metavar="S", help="--distill-seconds (default: the tool's)")
+    parser.add_argument("--features", type=float, default=0.0, metavar="W", help="--distill-features (default 0)")
     args = parser.parse_args(argv)
     results = per_model(args.models, lambda n: sweep(n, args.models_dir, args.tolerances, args.scope, args.seconds,
-                                                                  args.loss, args.steps))
+                                                                  args.loss, args.steps, args.features))
     print(table(results))
     print()
     print(iso_table(results))
@@ -142,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(cost_table(results))
     if args.json:
         args.json.write_text(json.dumps({"tolerances": args.tolerances, "scope": args.scope, "loss": args.loss,
-                                                   "seconds": args.seconds, "steps": args.steps, "results": results},
+                                                   "seconds": args.seconds, "steps": args.steps,
+                                                   "features": args.features, "results": results},
                                         indent=2, default=str))
     return 0
 
