@@ -158,8 +158,8 @@ def trainable(model: onnx.ModelProto, baseline: onnx.ModelProto | None = None, s
 def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequence[str]) -> list[str]:
     """Output tensors of the layers that own the initializers ``names`` and that the original also computes (by
     name): where the student's features can be matched to the teacher's. A layer's output is that of its bias Add
-    where one follows it (``trainable``'s rule: its only reader, one constant addend): a fused MatMul writes a new
-    tensor, and the bias Add after it the name the original's layer wrote."""
+    where one follows it (its only reader, with one constant addend): a fused MatMul writes a new tensor, and the bias
+    Add after it the name the original's layer wrote."""
     owned = set(names)
     inits = {i.name for i in model.graph.initializer}
     produced = {o for n in original.graph.node for o in n.output}
@@ -358,6 +358,13 @@ def distill(
         except NotExecutable as exc:
             log.info("no feature matching: %s", exc)
             features = []
+    if teacher_graph is not None:  # a name the original also writes, with another shape, is no feature of it
+        with torch.no_grad():
+            mine = student.run(check_feeds[0], features)
+            theirs = teacher_graph.run(check_feeds[0], features)
+        features = [f for f, s, t in zip(features, mine, theirs) if s.shape == t.shape]
+        if not features:
+            teacher_graph = None
 
     cache = teacher if teacher is not None else {}
     if "session" not in cache:

@@ -159,6 +159,14 @@ def test_feature_pairs_take_the_bias_add_of_a_fused_matmul() -> None:
     assert feature_pairs(shared, original, ["W", "b"]) == []
 
 
+def test_a_feature_of_another_shape_is_not_matched() -> None:
+    """A student whose hidden layers are narrower than the original's writes h1 and h2 under the original's names
+    but not of its shapes: nothing to match, and the outputs are still distilled."""
+    original, student = mlp(bias1=1.0, hidden=32), mlp(bias1=1.0, hidden=16, seed=1)
+    r = distill(original, student, data(256), data(64, seed=4), seconds=20, steps=40, seed=0, feature_weight=1.0)
+    assert r.features == [] and not r.note and r.steps > 0 and r.after < r.before
+
+
 def test_graph_the_executor_cannot_run_is_not_distilled() -> None:
     original = mlp(bias1=1.0, hidden=32)
     student = damaged(original, "w3")
