@@ -4,9 +4,12 @@ limit unless given), one row per model and exporter. (The test suite's zoo is te
 the reference implementations.)
 
     python tools/bench_zoo.py [--exporters ts,dynamo] [--samples 48] [--time-limit 600] [--only resnet18,vit]
+    python tools/bench_zoo.py --distill             # the same runs with --distill: the torch path on every export
 
 Columns: activations linearized / found, compute nodes before -> after, depth before -> after, fidelity loss
-(metric), latency ratio after / before (the tool's own interleaved measurement, CPU, batch 1), seconds of the run.
+(metric), latency ratio after / before (the tool's own interleaved measurement, CPU, batch 1), seconds of the run;
+with ``--distill``, what distillation did: candidates distilled / accepted in the search, and the chosen model's
+fidelity before -> after (kept or not) or the note that says why it was not distilled.
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def _export(case: Case, exporter: str, path: Path) -> None:
 
 
 
-def row(name: str, exporter: str, samples: int, time_limit: str, folder: Path) -> dict:
+def row(name: str, exporter: str, samples: int, time_limit: str, folder: Path, distill: bool = False) -> dict:
     case = CASES[name]
     src = folder / f"{name}_{exporter}.onnx"
     _export(case, exporter, src)
@@ -114,7 +117,8 @@ def row(name: str, exporter: str, samples: int, time_limit: str, folder: Path) -
     np.savez(data, **case.data(samples))
     out, rep = folder / f"{name}_{exporter}_easier.onnx", folder / f"{name}_{exporter}.json"
     t0 = time.perf_counter()
-    code = easier([str(src), str(out), "--data", str(data), "--report", str(rep), "--time-limit", time_limit, "-q"])
+    code = easier([str(src), str(out), "--data", str(data), "--report", str(rep), "--time-limit", time_limit, "-q",
+                   *(["--distill"] if distill else [])])
     seconds = time.perf_counter() - t0
     if code != 0:
         return {"model": name, "exporter": exporter, "exit": code, "seconds": seconds}
@@ -130,20 +134,32 @@ def report_summary(r: dict) -> dict:
             "compute": (r["before"]["compute_nodes"], r["after"]["compute_nodes"]),
             "depth": (r["before"]["depth"], r["after"]["depth"]),
             "fidelity": (r["fidelity"]["metric"], r["fidelity"]["value"]), "ratio": r["latency_ms"]["ratio"],
-            "cut_short": r.get("time_limit", {}).get("cut_short", False)}
+            "cut_short": r.get("time_limit", {}).get("cut_short", False), "distill": distill_summary(r.get("distill"))}
+
+
+def distill_summary(d: dict | None) -> str:
+    """``--distill``'s outcome in a few words ("" without it)."""
+    if not d:
+        return ""
+    search = d.get("search", {})
+    inside = f"{search.get('distilled', 0)} distilled / {search.get('accepted', 0)} accepted; "
+    if "note" in d:
+        return inside + d["note"]
+    return inside + f"{d['before']:.4g} -> {d['after']:.4g} {'kept' if d['kept'] else 'not kept'}, {d['steps']} steps"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | exporter | linearized | compute nodes | depth | fidelity loss | latency ratio | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | exporter | linearized | compute nodes | depth | fidelity loss | latency ratio | seconds | distill |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exit"] != 0:
-            lines.append(f"| {r['model']} | {r['exporter']} | exit {r['exit']} | | | | | {r['seconds']:.0f} |")
+            lines.append(f"| {r['model']} | {r['exporter']} | exit {r['exit']} | | | | | {r['seconds']:.0f} | |")
             continue
         cut = " (time limit)" if r["cut_short"] else ""
         lines.append(f"| {r['model']} | {r['exporter']} | {r['linearized']}/{r['activations']}{cut} | "
                      f"{r['compute'][0]} -> {r['compute'][1]} | {r['depth'][0]} -> {r['depth'][1]} | "
-                     f"{r['fidelity'][1]:.4f} ({r['fidelity'][0]}) | {r['ratio']:.3f} | {r['seconds']:.0f} |")
+                     f"{r['fidelity'][1]:.4f} ({r['fidelity'][0]}) | {r['ratio']:.3f} | {r['seconds']:.0f} | "
+                     f"{r['distill']} |")
     return "\n".join(lines)
 
 
@@ -154,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", default="600")
     p.add_argument("--only", default="", help="comma-separated model names (default: all)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--distill", action="store_true", help="run each with --distill")
     args = p.parse_args(argv)
     names = [n for n in CASES if not args.only or n in args.only.split(",")]
     rows = []
@@ -162,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for exporter in args.exporters.split(","):
                 if exporter not in CASES[name].exporters:
                     continue
-                rows.append(row(name, exporter, args.samples, args.time_limit, Path(tmp)))
+                rows.append(row(name, exporter, args.samples, args.time_limit, Path(tmp), args.distill))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.json:
