@@ -46,7 +46,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,6 +126,17 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
 
 
+def _bias_add(node: onnx.NodeProto, inits: Collection[str]) -> tuple[str, str] | None:
+    """``(constant, computed input)`` of an Add of one initializer and one computed tensor (a layer's bias when the
+    computed tensor is a layer's output); None for any other node."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    a, b = node.input
+    if (a in inits) == (b in inits):
+        return None
+    return (a, b) if a in inits else (b, a)
+
+
 def trainable(model: onnx.ModelProto, baseline: onnx.ModelProto | None = None, scope: str = "merged") -> list[str]:
     """The initializers of ``model`` that distillation trains (module doc): per layer, its float initializer inputs
     and the float constant of a bias Add right after it; with scope ``merged`` only for layers whose node name is
@@ -140,12 +151,10 @@ def trainable(model: onnx.ModelProto, baseline: onnx.ModelProto | None = None, s
     for node in model.graph.node:
         if node.op_type in LAYER_OPS:
             layers.setdefault(node.name, []).extend(i for i in node.input if i in inits)
-        elif node.op_type == "Add" and len(node.input) == 2:
-            consts = [i for i in node.input if i in inits]
-            flows = [i for i in node.input if i not in inits]
-            layer = producer.get(flows[0]) if len(consts) == 1 and len(flows) == 1 else None
+        elif (bias := _bias_add(node, inits)) is not None:
+            layer = producer.get(bias[1])
             if layer is not None and layer.op_type in LAYER_OPS:
-                layers.setdefault(layer.name, []).extend(consts)
+                layers.setdefault(layer.name, []).append(bias[0])
     out: list[str] = []
     for name, names in layers.items():
         changed = (scope == "all" or name not in base_nodes
@@ -173,8 +182,7 @@ def feature_pairs(model: onnx.ModelProto, original: onnx.ModelProto, names: Sequ
             continue
         out = n.output[0]
         after = readers.get(out, [])
-        if (len(after) == 1 and after[0].op_type == "Add" and len(after[0].input) == 2
-                and sum(i in inits for i in after[0].input) == 1):
+        if len(after) == 1 and _bias_add(after[0], inits) is not None:
             out = after[0].output[0]
         outs.append(out)
     finals = {o.name for o in model.graph.output}

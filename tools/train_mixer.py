@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_digits  # a sibling script in tools/, not a package
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 TOKENS, WIDTH, HIDDEN, TOKEN_HIDDEN, BLOCKS = 16, 192, 768, 64, 4
@@ -70,9 +71,7 @@ class Mixer(nn.Module):
 
 def labels() -> np.ndarray:
     """The calibration split's labels: tools/train_digits.py's split of load_digits (its x is the .npz file)."""
-    d = load_digits()
-    _, _, y_train, _ = train_test_split(d.images, d.target, test_size=0.3, stratify=d.target, random_state=0)
-    return y_train
+    return train_digits.load_split(16).y_train
 
 
 def train(x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int = 64) -> Mixer:
